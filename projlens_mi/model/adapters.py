@@ -16,6 +16,12 @@ from pathlib import Path
 from ..errors import ProjLensError
 
 LAYOUTS = ("batched", "flat")
+# How projector-output rows (flattened over the leading dims) map onto image-token positions:
+# "sequence": one row per image token, in order; "window": Qwen2.5-VL, rows in windowed-attention
+# order, sequence order is ``out[argsort(window_index)]``; "anyres": LLaVA-NeXT/OneVision, rows are
+# crops x patches that ``pack_image_features`` unpads, reorders and interleaves with a learned
+# ``image_newline`` (counts differ; no 1:1 row-to-position map).
+TOKEN_ORDERS = ("sequence", "window", "anyres")
 REQUIRED_MODULES = ("projector", "layers", "lm_head", "embed_tokens")
 OPTIONAL_MODULES = ("vision_tower", "projector_hidden", "final_norm")
 
@@ -42,6 +48,7 @@ class Adapter:
     mlp: str | None = "mlp"
     image_token_attrs: tuple[str, ...] = ("image_token_id", "image_token_index")
     layout: str = "batched"             # projector output: "batched" [n_img, n_tok, d] | "flat" [total, d]
+    token_order: str = "sequence"       # projector rows -> image-token positions (see TOKEN_ORDERS)
     source: str = ""                    # the file this map came from
 
     @classmethod
@@ -64,6 +71,10 @@ class Adapter:
         layout = data.get("projector_output", {}).get("layout", "batched")
         if layout not in LAYOUTS:
             raise ProjLensError(f"hook map {name}: projector_output.layout must be one of {LAYOUTS}, got {layout!r}")
+        token_order = data.get("projector_output", {}).get("token_order", "sequence")
+        if token_order not in TOKEN_ORDERS:
+            raise ProjLensError(f"hook map {name}: projector_output.token_order must be one of {TOKEN_ORDERS}, "
+                                f"got {token_order!r}")
         layer = data.get("layer", {})
         attrs = data.get("tokens", {}).get("image_token_id", ["image_token_id", "image_token_index"])
         return cls(
@@ -75,7 +86,7 @@ class Adapter:
             final_norm=mods.get("final_norm"), attn=layer.get("attn", "self_attn"),
             mlp=layer.get("mlp", "mlp"),
             image_token_attrs=tuple([attrs] if isinstance(attrs, str) else attrs),
-            layout=layout, source=name)
+            layout=layout, token_order=token_order, source=name)
 
     def image_token_id(self, config) -> int:
         """The placeholder id, from the first config attribute that exists (top level, then text_config)."""
