@@ -213,7 +213,7 @@ def tiny_qwen2_5_vl(seed: int = 0) -> TinyFamily:
         # sequence token j is merger row argsort(window_index)[j]
         return torch.argsort(window_index)
 
-    return TinyFamily("qwen2_vl", "qwen2_5_vl", model, inputs, features, token_map, (2 * n_tok, L_HID),
+    return TinyFamily("qwen2_5_vl", "qwen2_5_vl", model, inputs, features, token_map, (2 * n_tok, L_HID),
                       notes="merger output in window order; flat")
 
 
@@ -261,6 +261,8 @@ def tiny_gemma3(seed: int = 0) -> TinyFamily:
     cfg = Gemma3Config(vision_config=_siglip(), text_config=text, mm_tokens_per_image=4, image_token_id=IMG,
                        boi_token_id=94, eoi_token_id=95)
     model = _build(Gemma3ForConditionalGeneration, cfg, seed)
+    with torch.no_grad():   # transformers initialises this Parameter to ZEROS: images would be invisible
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.5)
     n_tok = 4
     ids = _ids(n_tok, img_run=[94] + [IMG] * n_tok + [95])
     inputs = dict(input_ids=ids, pixel_values=_pixels(2, 3, 16, 16, seed=seed + 1),
