@@ -1,3 +1,12 @@
 """projlens_mi: mechanistic interpretability of projector backdoors in vision-language models."""
 
 __version__ = "0.1.0"
+
+from .engine import (Ablate, AllTokens, Cache, Edit, ImageTokens, ImageWindow, Indices,  # noqa: E402
+                     LastToken, Noise, Patch, PatchRegion, PatchSubspace, ProjectOut, RunResult, Site,
+                     Steer, TextTokens, WithWeights, run)
+from .model import Inputs, ModelHandle, load  # noqa: E402
+
+__all__ = ["load", "ModelHandle", "Inputs", "run", "RunResult", "Cache", "Edit", "Site", "AllTokens",
+           "ImageTokens", "ImageWindow", "PatchRegion", "LastToken", "TextTokens", "Indices", "Patch",
+           "Ablate", "ProjectOut", "PatchSubspace", "Steer", "Noise", "WithWeights"]

@@ -1,0 +1,14 @@
+"""The hook engine: the only package that registers hooks or opens nnsight traces.
+
+sites (where) · interventions (what, as pure tensor functions) · run (one forward pass) ·
+sweep (many cells packed into batched passes) · metrics (what to measure on the logits).
+"""
+
+from .interventions import Ablate, Intervention, Noise, Patch, PatchSubspace, ProjectOut, Steer, WithWeights
+from .run import Cache, Edit, RunResult, run
+from .sites import (AllTokens, ImageTokens, ImageWindow, Indices, LastToken, PatchRegion, Selector, Site,
+                    TextTokens, check_basis)
+
+__all__ = ["Site", "Selector", "AllTokens", "ImageTokens", "ImageWindow", "PatchRegion", "LastToken",
+           "TextTokens", "Indices", "check_basis", "Intervention", "Patch", "Ablate", "ProjectOut",
+           "PatchSubspace", "Steer", "Noise", "WithWeights", "Edit", "RunResult", "Cache", "run"]

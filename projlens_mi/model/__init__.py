@@ -1,0 +1,65 @@
+"""Models: safe loading, per-family hook maps (adapters) and the handle the engine works with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ProjLensError
+from .adapters import Adapter, find_adapter, known_adapters
+from .handle import Inputs, ModelHandle
+
+__all__ = ["load", "ModelHandle", "Inputs", "Adapter", "find_adapter", "known_adapters"]
+
+
+def load(source, *, processor=None, device_map=None, max_memory=None, offload_folder=None, dtype=None,
+         allow_pickle: bool = False, trust_remote_code: bool = False, revision: str | None = None,
+         adapter: Adapter | None = None) -> ModelHandle:
+    """A ``ModelHandle`` for a folder / hub id, an in-memory HF model, or an nnsight-wrapped model.
+
+    Paths and hub ids go through ``model.load.load_checkpoint`` (safetensors only unless
+    ``allow_pickle``, no remote code unless ``trust_remote_code``, hashes recorded in
+    ``provenance``). An in-memory model is used as is (never copied or modified).
+    """
+    if isinstance(source, ModelHandle):
+        return source
+    envoy = None
+    if not isinstance(source, (str, Path, torch.nn.Module)) and isinstance(getattr(source, "_model", None), torch.nn.Module):
+        envoy, source = source, source._model        # an nnsight wrapper: reuse it
+    if isinstance(source, torch.nn.Module):
+        if getattr(source, "config", None) is None:
+            raise ProjLensError(f"{type(source).__name__} has no HF config; pass a transformers model "
+                                "(e.g. LlavaForConditionalGeneration) or a checkpoint folder")
+        handle = ModelHandle(source, processor, adapter, {"source": "in-memory", "class": type(source).__name__})
+        handle._envoy = envoy
+        return handle
+    if not isinstance(source, (str, Path)):
+        raise ProjLensError(f"cannot load {type(source).__name__}; pass a folder, a hub id, or a HF model")
+    model, loaded_processor, provenance = _load_checkpoint(
+        str(source), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision,
+        device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, dtype=dtype)
+    return ModelHandle(model.eval(), processor if processor is not None else loaded_processor, adapter, provenance)
+
+
+def _load_checkpoint(source: str, **kw):
+    try:
+        from .load import load_checkpoint
+    except ImportError:   # the safe loader is not in this checkout yet: safetensors-only fallback
+        load_checkpoint = _fallback_load
+    return load_checkpoint(source, **kw)
+
+
+def _fallback_load(source, *, allow_pickle=False, trust_remote_code=False, revision=None, device_map=None,
+                   max_memory=None, offload_folder=None, dtype=None):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    kw = dict(revision=revision, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
+              device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    if dtype is not None:
+        kw["dtype"] = dtype
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, **kw)
+        processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ProjLensError(f"cannot load {source}: {str(err).splitlines()[0]}") from None
+    return model, processor, {"source": source, "revision": revision}

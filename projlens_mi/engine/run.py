@@ -1,0 +1,366 @@
+"""One forward pass through nnsight: read any sites, apply composable edits, take gradients.
+
+Conventions:
+
+* One batch, one ``trace``, one invoke. nnsight refuses several multimodal invokes, so "clean vs
+  triggered" is expressed as rows of one pre-concatenated batch (ROME's convention: e.g. row 0
+  the source, rows 1..N edited with ``Patch(source_row=0)``).
+* An edit is ``(site, intervention)`` or ``(site, intervention, rows)``; ``rows`` (indices, a
+  bool mask or a slice; default every row) says which batch rows it changes. Edits at one point
+  apply in the order given; reads at a point see the value after that point's edits.
+* Points are visited in forward order (nnsight requires it); the with-body only calls
+  ``_drive``, so no user code is ever compiled by nnsight.
+* Gradients: every read site gets ``act + zeros`` with a leaf ``zeros`` (same value, bit for bit),
+  so ``d metric / d site`` is the leaf's gradient while gradients still flow to earlier sites.
+  ``torch.autograd.grad`` touches no parameter's ``.grad``.
+* Nothing persists: nnsight removes its per-trace state when the block exits, also when an
+  intervention raises; parameters are never written (``WithWeights`` recomputes ``F.linear``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..errors import ProjLensError
+from ..model.handle import Inputs, ModelHandle
+from .interventions import Intervention, WithWeights
+from .sites import IMAGE_POINTS, AllTokens, Site, TokenContext, as_site, canonical, check_basis, order_key
+
+
+@dataclass(frozen=True, eq=False)
+class Edit:
+    """``intervention`` at ``site`` on batch ``rows`` (None = all). ``site`` is None for ``WithWeights``."""
+
+    site: Site | None
+    intervention: Intervention
+    rows: object = None
+
+
+def as_edit(e) -> Edit:
+    if isinstance(e, Edit):
+        return e
+    if isinstance(e, WithWeights):
+        return Edit(None, e)
+    if isinstance(e, tuple) and len(e) in (2, 3):
+        site, iv, rows = (*e, None) if len(e) == 2 else e
+        if not isinstance(iv, Intervention):
+            raise ProjLensError(f"edit {e!r}: second element must be an intervention (Patch, Ablate, ...)")
+        return Edit(None if isinstance(iv, WithWeights) else as_site(site), iv, rows)
+    raise ProjLensError(f"an edit is (site, intervention) or (site, intervention, rows), got {type(e).__name__}")
+
+
+class Cache(dict):
+    """Site -> tensor. Also indexable by point name (``cache["llm.2.resid_post"]``) for all-token reads."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            key = Site(key)
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            have = ", ".join(repr(k) for k in self) or "nothing"
+            raise ProjLensError(f"{key!r} was not read in this run (read: {have}); add it to read=[...]") from None
+
+
+@dataclass
+class RunResult:
+    logits: Float[Tensor, "batch seq vocab"]
+    cache: Cache = field(default_factory=Cache)
+    grads: Cache = field(default_factory=Cache)
+    metric: Tensor | None = None
+
+
+def run(handle: ModelHandle, inputs: Inputs, read=(), edits=(), grad_of=None) -> RunResult:
+    """One forward pass of ``inputs`` with ``edits`` applied, caching ``read`` sites.
+
+    ``grad_of(logits) -> scalar`` additionally gives ``grads[site]`` = d metric / d activation for
+    every read site (same selection and basis as the read).
+    """
+    plan = Plan.build(handle, inputs, read, edits, grads=grad_of is not None)
+    return execute(handle, inputs, plan, grad_of=grad_of)
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What to do at each point, in forward order."""
+
+    steps: list  # [(order, kind, name, [edits], [read sites])]
+    grads: bool = False
+
+    @classmethod
+    def build(cls, handle: ModelHandle, inputs: Inputs, read, edits, grads=False) -> "Plan":
+        n, a = handle.n_layers, handle.adapter
+        read = [as_site(s) for s in read]
+        edits = [as_edit(e) for e in edits]
+        by_point: dict[str, tuple[list, list]] = {}
+        for s in read:
+            canonical(s.point, n)
+            by_point.setdefault(s.point, ([], []))[1].append(s)
+        for e in edits:
+            if e.site is None:
+                for path in _weight_paths(handle, e.intervention):
+                    by_point.setdefault("linear:" + path, ([], []))[0].append(e)
+                continue
+            canonical(e.site.point, n)
+            if e.site.point == "vision.out":
+                raise ProjLensError("vision.out is read-only (the projector reads the tower's hidden states); "
+                                    "edit projector.in instead")
+            by_point.setdefault(e.site.point, ([], []))[0].append(e)
+        for point in by_point:
+            if point == "projector.hidden" and a.projector_hidden is None:
+                raise ProjLensError(f"{a.family} has no projector.hidden (its projector has no nonlinearity in "
+                                    f"{a.source}); use projector.in or projector.out")
+        steps = sorted(((_order(handle, p), p, *by_point[p]) for p in by_point), key=lambda t: t[0])
+        _check_rows(edits, len(inputs))
+        return cls(steps, grads)
+
+
+def _weight_paths(handle: ModelHandle, iv: WithWeights) -> list[str]:
+    linears = handle.adapter.projector_linears
+    out = []
+    for key in iv.weights:
+        match = [p for p in linears if p == key or p.rsplit(".", 1)[-1] == key]
+        if len(match) != 1:
+            raise ProjLensError(f"WithWeights key {key!r} is not one of the projector linears "
+                                f"({', '.join(linears) or 'none in ' + handle.adapter.source})")
+        out.append(match[0])
+    return out
+
+
+def _order(handle: ModelHandle, point: str):
+    if point.startswith("linear:"):
+        k = handle.adapter.projector_linears.index(point[7:])
+        return (1, 2 + 2 * k, 0)
+    return order_key(point)
+
+
+def _rows(rows, batch: int) -> Tensor:
+    if rows is None:
+        return torch.arange(batch)
+    if isinstance(rows, slice):
+        return torch.arange(batch)[rows]
+    t = torch.as_tensor(rows)
+    if t.dtype == torch.bool:
+        if t.shape != (batch,):
+            raise ProjLensError(f"a bool row mask needs {batch} entries, got {tuple(t.shape)}")
+        return t.nonzero()[:, 0]
+    t = t.long().view(-1)
+    if len(t) == 0 or int(t.max()) >= batch or int(t.min()) < -batch:
+        raise ProjLensError(f"edit rows {t.tolist()} out of range for a batch of {batch}")
+    return t % batch
+
+
+def _check_rows(edits, batch):
+    for e in edits:
+        _rows(e.rows, batch)
+        r = e.intervention.source_row
+        if r is not None and not -batch <= r < batch:
+            raise ProjLensError(f"source_row {r} out of range for a batch of {batch}")
+
+
+# --- execution --------------------------------------------------------------------------------
+
+
+def execute(handle: ModelHandle, inputs: Inputs, plan: Plan, grad_of=None, model_kwargs=None,
+            skip: dict | None = None) -> RunResult:
+    """Run ``plan`` in one nnsight trace. ``model_kwargs`` overrides the forward's inputs (the sweep
+    feeds ``inputs_embeds``); ``skip`` maps a layer index to the output it returns unrun."""
+    inputs = inputs.to(handle.device)
+    kwargs = model_kwargs if model_kwargs is not None else inputs.model_kwargs()
+    if "pixel_values" in kwargs:
+        kwargs["pixel_values"] = kwargs["pixel_values"].to(handle.dtype)
+    state = {"cache": Cache(), "leaves": {}, "logits": None}
+    env = handle.envoy
+    try:
+        with torch.set_grad_enabled(grad_of is not None):
+            with env.trace(**kwargs):
+                _drive(handle, env, inputs, plan, state, skip or {})
+    except ValueError as err:
+        if isinstance(err, ProjLensError):
+            raise
+        msg = str(err)
+        if "do not match" in msg and "token" in msg:
+            raise ProjLensError(f"image tokens and image features do not match ({msg.splitlines()[0].strip()}); "
+                                "encode inputs with handle.encode and the model's own processor") from None
+        raise
+    result = RunResult(state["logits"], state["cache"])
+    if grad_of is not None:
+        metric = grad_of(result.logits)
+        if metric.ndim:
+            metric = metric.sum()
+        sites = list(state["leaves"])
+        grads = torch.autograd.grad(metric, [state["leaves"][s][0] for s in sites], allow_unused=True)
+        for s, g in zip(sites, grads):
+            leaf, ctx = state["leaves"][s]
+            result.grads[s] = _read(handle, s, torch.zeros_like(leaf) if g is None else g, ctx, len(inputs)).detach()
+        result.metric = metric.detach()
+        result.logits = result.logits.detach()
+        result.cache = Cache({k: v.detach() for k, v in result.cache.items()})
+    return result
+
+
+def _drive(handle, env, inputs, plan, state, skip):
+    """The body of the trace: visit each point in forward order."""
+    layers = handle.adapter.layers
+    for layer, value in sorted(skip.items()):
+        handle.envoy_module(f"{layers}.{layer}").skip(value)
+    for _, point, edits, reads in plan.steps:
+        if point.startswith("linear:"):
+            _swap_weights(handle, point[7:], edits, len(inputs))
+            continue
+        env_mod, attr = _accessor(handle, point)
+        raw = getattr(env_mod, attr)
+        tuple_out = isinstance(raw, tuple)
+        act = raw[0] if tuple_out else raw
+        if point == "vision.out":
+            act = act.last_hidden_state if hasattr(act, "last_hidden_state") else act[0]
+        ctx = _context(handle, point, act, inputs)
+        new = act
+        for e in edits:
+            new = _apply(handle, point, new, e, ctx, len(inputs))
+        if plan.grads and reads:
+            leaf = torch.zeros_like(new, requires_grad=True)
+            new = new + leaf
+            for s in reads:
+                state["leaves"][s] = (leaf, ctx)
+        if new is not act:
+            setattr(env_mod, attr, (new, *raw[1:]) if tuple_out else new)
+        for s in reads:
+            v = _read(handle, s, new, ctx, len(inputs))
+            state["cache"][s] = v if plan.grads else v.detach()
+    out = env.output
+    state["logits"] = out.logits if hasattr(out, "logits") else out[0]
+
+
+def _accessor(handle: ModelHandle, point: str):
+    """(envoy, "input"|"output") for a point; a tuple output's first element is the activation."""
+    a = handle.adapter
+    if point == "llm.embed":
+        return handle.envoy_module(a.embed_tokens), "output"
+    if point == "vision.out":
+        if a.vision_tower is None:
+            raise ProjLensError(f"{a.family} has no vision_tower in {a.source}; read projector.in instead")
+        return handle.envoy_module(a.vision_tower), "output"
+    if point == "projector.in":
+        return handle.envoy_module(a.projector), "input"
+    if point == "projector.hidden":
+        return handle.envoy_module(a.projector_hidden), "output"
+    if point == "projector.out":
+        return handle.envoy_module(a.projector), "output"
+    if point == "logits":
+        return handle.envoy_module(a.lm_head), "output"
+    i, kind = point.split(".")[1:]
+    layer = f"{a.layers}.{i}"
+    if kind == "resid_pre":
+        return handle.envoy_module(layer), "input"
+    if kind == "resid_post":
+        return handle.envoy_module(layer), "output"
+    sub = a.attn if kind == "attn_out" else a.mlp
+    if sub is None:
+        raise ProjLensError(f"{a.family}: no [layer] {kind[:-4]} path in {a.source}; {point} is unavailable")
+    return handle.envoy_module(f"{layer}.{sub}"), "output"
+
+
+def _read(handle, site: Site, act: Tensor, ctx: TokenContext, batch: int) -> Tensor:
+    """What the cache holds: the raw activation for all tokens, else ``[rows, k, d]`` (or ``[rows, k, basis_k]``)."""
+    if isinstance(site.tokens, AllTokens) and site.basis is None:
+        return act
+    return _select(site, _view(handle, site.point, act, batch), ctx)
+
+
+def _view(handle: ModelHandle, point: str, act: Tensor, batch: int) -> Float[Tensor, "rows tokens d"]:
+    """``[rows, tokens, d]`` for any point: a flat projector tensor is split evenly per row."""
+    if point in IMAGE_POINTS and act.ndim == 2:
+        if act.shape[0] % batch:
+            raise ProjLensError(f"{point}: {act.shape[0]} flat rows do not split evenly over {batch} inputs; "
+                                "use images of one size")
+        return act.view(batch, -1, act.shape[-1])
+    return act
+
+
+def _context(handle, point, act, inputs: Inputs) -> TokenContext:
+    if point in IMAGE_POINTS:
+        n = act.shape[0] // len(inputs) if act.ndim == 2 else act.shape[1]
+        return TokenContext(n_tokens=n, image_point=True)
+    return TokenContext(n_tokens=act.shape[1], image_point=False, image_mask=inputs.image_mask,
+                        attention_mask=inputs.attention_mask, prompt_end=inputs.prompt_end)
+
+
+def _gather(view: Tensor, idx: Tensor | None) -> Tensor:
+    if idx is None:
+        return view
+    return view.gather(1, idx.to(view.device)[..., None].expand(-1, -1, view.shape[-1]))
+
+
+def _select(site: Site, view: Tensor, ctx: TokenContext) -> Tensor:
+    x = _gather(view, site.tokens.indices(ctx, view.shape[0]))
+    if site.basis is not None:
+        b = check_basis(site.basis, x.shape[-1], f"basis of {site!r}")
+        x = x @ b.to(x.device, x.dtype)
+    return x
+
+
+def _apply(handle, point, act, edit: Edit, ctx, batch):
+    """One edit: gather the selected tokens of the edited rows, ``apply``, scatter into a copy."""
+    view = _view(handle, point, act, batch)
+    if point in IMAGE_POINTS and view.shape[0] != batch:
+        raise ProjLensError(f"{point} has {view.shape[0]} images for {batch} rows; row edits need one image per row")
+    rows = _rows(edit.rows, batch).to(view.device)
+    idx = edit.site.tokens.indices(ctx, batch)
+    x = _gather(view[rows], None if idx is None else idx[rows.cpu()])
+    iv = edit.intervention
+    source = None
+    if iv.source_row is not None:
+        source = _gather(view[[iv.source_row]], None if idx is None else idx[[iv.source_row]])
+    elif isinstance(iv.source, Tensor) and iv.source.ndim == 3:
+        source = _align(iv.source, rows, idx, view.shape[1], batch)
+    y = iv.apply(x, source)
+    if edit.site.basis is not None:
+        b = check_basis(edit.site.basis, x.shape[-1], f"basis of {edit.site!r}").to(x.device, x.dtype)
+        y = x + ((y - x) @ b) @ b.T
+    out = view.clone()
+    if idx is None:
+        out[rows] = y.to(out.dtype)
+    else:
+        out[rows[:, None], idx[rows.cpu()].to(out.device)] = y.to(out.dtype)
+    return out.view(act.shape)
+
+
+def _align(src: Tensor, rows: Tensor, idx: Tensor | None, n_tokens: int, batch: int) -> Tensor:
+    """A 3-D tensor source: one row per edited row (or per batch row), all tokens or the selected ones."""
+    if src.shape[0] == batch and len(rows) != batch:
+        src = src[rows.to(src.device)]
+    if idx is not None and src.shape[1] == n_tokens and src.shape[1] != idx.shape[1]:
+        src = _gather(src, idx[rows.cpu()])
+    return src
+
+
+def _swap_weights(handle, path, edits, batch):
+    """Recompute a projector linear's output with the given (W, b) for the edits' rows."""
+    mod = handle.module(path)
+    env_mod = handle.envoy_module(path)
+    x = env_mod.input
+    out = env_mod.output
+    new = out
+    for e in edits:
+        W, b = e.intervention.weights.get(path, e.intervention.weights.get(path.rsplit(".", 1)[-1]))
+        if tuple(W.shape) != tuple(mod.weight.shape):
+            raise ProjLensError(f"WithWeights {path}: W must be {tuple(mod.weight.shape)}, got {tuple(W.shape)}")
+        bias = mod.bias if b is None else b
+        y = e.intervention.linear(x, W, bias)
+        if e.rows is None:
+            new = y
+        else:
+            rows = _rows(e.rows, batch)
+            view, yv = _view(handle, "projector.in", new, batch), _view(handle, "projector.in", y, batch)
+            view = view.clone()
+            view[rows] = yv[rows]
+            new = view.view(out.shape)
+    env_mod.output = new
