@@ -268,3 +268,4 @@ def test_zero_ablation_row1(name):
     torch.testing.assert_close(ablated, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ablated[0], clean[0], rtol=0, atol=0)
     assert (ablated[1] - clean[1]).abs().max() > 1e-4
+
