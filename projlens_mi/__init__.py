@@ -4,9 +4,11 @@ __version__ = "0.1.0"
 
 from .engine import (Ablate, AllTokens, Cache, Edit, ImageTokens, ImageWindow, Indices,  # noqa: E402
                      LastToken, Noise, Patch, PatchRegion, PatchSubspace, ProjectOut, RunResult, Site,
-                     Steer, TextTokens, WithWeights, run)
+                     Steer, TextTokens, WithWeights, asr, generate, logit_diff, run, sweep,
+                     target_logit, target_logprob, target_prob)
 from .model import Inputs, ModelHandle, load  # noqa: E402
 
 __all__ = ["load", "ModelHandle", "Inputs", "run", "RunResult", "Cache", "Edit", "Site", "AllTokens",
            "ImageTokens", "ImageWindow", "PatchRegion", "LastToken", "TextTokens", "Indices", "Patch",
-           "Ablate", "ProjectOut", "PatchSubspace", "Steer", "Noise", "WithWeights"]
+           "Ablate", "ProjectOut", "PatchSubspace", "Steer", "Noise", "WithWeights", "sweep", "target_logit",
+           "target_prob", "target_logprob", "logit_diff", "generate", "asr"]

@@ -6,9 +6,13 @@ sweep (many cells packed into batched passes) · metrics (what to measure on the
 
 from .interventions import Ablate, Intervention, Noise, Patch, PatchSubspace, ProjectOut, Steer, WithWeights
 from .run import Cache, Edit, RunResult, run
+from .sweep import run_cell, sweep
+from .metrics import asr, contains, generate, logit_diff, target_logit, target_logprob, target_prob, token_id
 from .sites import (AllTokens, ImageTokens, ImageWindow, Indices, LastToken, PatchRegion, Selector, Site,
                     TextTokens, check_basis)
 
 __all__ = ["Site", "Selector", "AllTokens", "ImageTokens", "ImageWindow", "PatchRegion", "LastToken",
            "TextTokens", "Indices", "check_basis", "Intervention", "Patch", "Ablate", "ProjectOut",
-           "PatchSubspace", "Steer", "Noise", "WithWeights", "Edit", "RunResult", "Cache", "run"]
+           "PatchSubspace", "Steer", "Noise", "WithWeights", "Edit", "RunResult", "Cache", "run",
+           "sweep", "run_cell", "target_logit", "target_prob", "target_logprob", "logit_diff", "token_id",
+           "generate", "contains", "asr"]

@@ -207,10 +207,16 @@ def execute(handle: ModelHandle, inputs: Inputs, plan: Plan, grad_of=None, model
 
 
 def _drive(handle, env, inputs, plan, state, skip):
-    """The body of the trace: visit each point in forward order."""
+    """The body of the trace: skip layers, visit each point in forward order, take the logits."""
     layers = handle.adapter.layers
     for layer, value in sorted(skip.items()):
         handle.envoy_module(f"{layers}.{layer}").skip(value)
+    _drive_points(handle, inputs, plan, state)
+    out = env.output
+    state["logits"] = out.logits if hasattr(out, "logits") else out[0]
+
+
+def _drive_points(handle, inputs, plan, state):
     for _, point, edits, reads in plan.steps:
         if point.startswith("linear:"):
             _swap_weights(handle, point[7:], edits, len(inputs))
@@ -235,8 +241,6 @@ def _drive(handle, env, inputs, plan, state, skip):
         for s in reads:
             v = _read(handle, s, new, ctx, len(inputs))
             state["cache"][s] = v if plan.grads else v.detach()
-    out = env.output
-    state["logits"] = out.logits if hasattr(out, "logits") else out[0]
 
 
 def _accessor(handle: ModelHandle, point: str):

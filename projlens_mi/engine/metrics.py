@@ -1,0 +1,145 @@
+"""What to measure: target-token logits and probabilities, teacher-forced log-probs, logit
+differences, greedy batched generation and substring attack success rate (ASR).
+
+Positions: prompts are left-padded, so the last prompt position is ``-1`` unless a target was
+appended (``teacher_forced`` sets ``Inputs.prompt_end``). Target texts are tokenized without special
+tokens, exactly as written (mind a leading space for BPE tokenizers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..errors import ProjLensError
+from ..model.handle import Inputs, ModelHandle
+from .run import Plan, as_edit, execute
+from .sites import IMAGE_POINTS
+
+
+def _ids(target, batch: int, device) -> Int[Tensor, " batch"]:
+    t = torch.as_tensor(target, device=device).long().view(-1)
+    return t.expand(batch) if t.numel() == 1 else t
+
+
+def target_logit(logits: Float[Tensor, "batch seq vocab"], target, pos: int = -1) -> Float[Tensor, " batch"]:
+    """Logit of token ``target`` (an id, or one id per row) at position ``pos`` (default: last prompt position)."""
+    last = logits[:, pos]
+    return last.gather(1, _ids(target, len(last), last.device)[:, None])[:, 0]
+
+
+def target_prob(logits: Float[Tensor, "batch seq vocab"], target, pos: int = -1) -> Float[Tensor, " batch"]:
+    """Softmax probability of token ``target`` at position ``pos``."""
+    probs = logits[:, pos].float().softmax(-1)
+    return probs.gather(1, _ids(target, len(probs), probs.device)[:, None])[:, 0]
+
+
+def logit_diff(logits: Float[Tensor, "batch seq vocab"], a, b, pos: int = -1) -> Float[Tensor, " batch"]:
+    """``logit[a] - logit[b]`` at position ``pos`` (e.g. backdoor target vs the correct answer)."""
+    return target_logit(logits, a, pos) - target_logit(logits, b, pos)
+
+
+def token_id(handle: ModelHandle, word: str) -> int:
+    """The single token id of ``word``; one-line error if it is several tokens."""
+    ids = handle.tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ProjLensError(f"{word!r} is {len(ids)} tokens ({ids}); target_logit needs a single-token target "
+                            "(use target_logprob for a text)")
+    return ids[0]
+
+
+def teacher_forced(handle: ModelHandle, inputs: Inputs, targets: list[str] | str) -> tuple[Inputs, Tensor, Tensor]:
+    """``inputs`` with each row's target tokens appended (right-padded after the prompt).
+
+    Returns ``(inputs', target_ids [batch, t], target_mask [batch, t])``; ``inputs'.prompt_end``
+    marks the last prompt position so ``LastToken()`` still means the prompt's end.
+    """
+    targets = [targets] * len(inputs) if isinstance(targets, str) else list(targets)
+    if len(targets) != len(inputs):
+        raise ProjLensError(f"{len(targets)} targets for {len(inputs)} inputs; pass one target per row or one string")
+    tok = handle.tokenizer
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in targets]
+    if any(len(s) == 0 for s in seqs):
+        raise ProjLensError("a target text tokenizes to nothing; pass a non-empty target")
+    t = max(map(len, seqs))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(inputs), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(inputs), t), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s)
+        mask[r, :len(s)] = 1
+    n = inputs.input_ids.shape[1]
+    new = replace(inputs, input_ids=torch.cat([inputs.input_ids, ids.to(inputs.input_ids.device)], 1),
+                  attention_mask=torch.cat([inputs.attention_mask, mask.to(inputs.attention_mask.device)], 1),
+                  image_mask=torch.cat([inputs.image_mask, torch.zeros_like(ids, dtype=torch.bool).to(inputs.image_mask.device)], 1),
+                  prompt_end=torch.full((len(inputs),), n - 1))
+    return new, ids, mask
+
+
+def sequence_logprob(logits: Float[Tensor, "batch seq vocab"], prompt_len: int, target_ids: Tensor,
+                     target_mask: Tensor) -> Float[Tensor, " batch"]:
+    """Sum of log p(target token | prefix) over each row's target tokens (logits of a teacher-forced run)."""
+    t = target_ids.shape[1]
+    logp = logits[:, prompt_len - 1:prompt_len - 1 + t].float().log_softmax(-1)
+    tok = logp.gather(2, target_ids.to(logp.device)[..., None])[..., 0]
+    return (tok * target_mask.to(tok.device)).sum(1)
+
+
+def target_logprob(handle: ModelHandle, inputs: Inputs, targets: list[str] | str, edits=()) -> Float[Tensor, " batch"]:
+    """Teacher-forced log-probability of each row's target text, with ``edits`` applied (one forward)."""
+    tf, ids, mask = teacher_forced(handle, inputs, targets)
+    res = execute(handle, tf, Plan.build(handle, tf, (), edits))
+    return sequence_logprob(res.logits, inputs.input_ids.shape[1], ids, mask)
+
+
+def generate(handle: ModelHandle, inputs: Inputs, max_new_tokens: int = 8, edits=()) -> list[str]:
+    """Greedy batched generation (left padding) through ``model.generate``; returns the new text per row.
+
+    ``edits`` may sit at projector / vision points or be ``WithWeights``: those modules run once,
+    on the prompt, so the edit means the same at every generated token. LLM-site edits are refused
+    (their token positions shift while generating).
+    """
+    edits = [as_edit(e) for e in edits]
+    for e in edits:
+        if e.site is not None and e.site.point not in IMAGE_POINTS:
+            raise ProjLensError(f"generate supports edits at projector/vision sites and WithWeights, not {e.site.point}; "
+                                "use target_logprob for LLM-site edits")
+    inputs = inputs.to(handle.device)
+    kw = inputs.model_kwargs()
+    if "pixel_values" in kw:
+        kw["pixel_values"] = kw["pixel_values"].to(handle.dtype)
+    tok = handle.tokenizer
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        if not edits:
+            out = handle.model.generate(**kw, **gen)
+        else:
+            out = _generate_edited(handle, inputs, kw, gen, edits)
+    new = out[:, inputs.input_ids.shape[1]:]
+    return tok.batch_decode(new, skip_special_tokens=True)
+
+
+def _generate_edited(handle, inputs, kw, gen, edits):
+    plan = Plan.build(handle, inputs, (), edits)
+    state = {"cache": None, "leaves": {}, "logits": None}
+    from .run import _drive_points
+    with handle.envoy.trace(**kw, **gen, fn=handle.model.generate) as tracer:
+        _drive_points(handle, inputs, plan, state)
+        state["out"] = tracer.result
+    return state["out"]
+
+
+def contains(texts: list[str], target: str) -> list[bool]:
+    """Case-insensitive substring test of ``target`` in each text."""
+    t = target.lower()
+    return [t in s.lower() for s in texts]
+
+
+def asr(texts: list[str], target: str) -> float:
+    """Attack success rate: fraction of texts containing ``target`` (case-insensitive)."""
+    if not texts:
+        raise ProjLensError("asr needs at least one generated text")
+    return sum(contains(texts, target)) / len(texts)

@@ -1,0 +1,188 @@
+"""Sweeps: a grid of cells (each a list of edits) packed into batched forward passes.
+
+Conventions:
+
+* Rows are tiled ``[cell × input]`` (ROME's one-batch layout): every cell runs on every input, and
+  a pass holds as many (cell, inputs) blocks as fit in ``batch_size`` rows.
+* Inside a cell, an edit's ``rows`` and ``source_row`` are *input* indices, and a tensor source
+  with one entry per input (``[n_inputs, ...]``) is sliced to the rows of the pass: a cell means the
+  same thing whichever pass it lands in.
+* Exactness: every row of a transformer forward is computed independently of the other rows, so a
+  packed pass gives the same numbers as the cell run alone (tested bit for bit). Two reuses keep
+  that exactness and save most of the work:
+  - when every edit of a cell sits at an LLM layer (or ``logits``), the merged ``inputs_embeds``
+    (vision tower + projector + scatter) are computed once and fed instead of the pixels
+    (LLaVA family, whose LLM positions do not depend on the image layout);
+  - layers before the first edited one are skipped (nnsight ``skip``) and return the clean hidden
+    states, computed once per input.
+* Cross-row edits (mean / resample ablation, noise, ``source_row``) need all inputs of a cell in
+  one pass; ``batch_size`` below the number of inputs is refused for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import ProjLensError
+from ..model.handle import Inputs, ModelHandle
+from .run import Edit, Plan, as_edit, execute, run
+from .sites import Site, layer_of
+
+EMBEDS_FAMILIES = ("llava",)   # families whose forward accepts merged inputs_embeds with identical results
+
+
+def sweep(handle: ModelHandle, inputs: Inputs, cells, metric: Callable[[Tensor, Tensor], Tensor], *,
+          batch_size: int = 256, progress: bool = True, reuse: bool = True) -> pd.DataFrame:
+    """Run every cell on every input; one tidy row per (cell, input).
+
+    ``cells``: a mapping ``{key: [edits]}`` or a list of ``(key, [edits])``; a dict key becomes
+    columns, any other key one ``cell`` column. ``metric(logits [rows, seq, vocab], input_index
+    [rows]) -> [rows]`` is evaluated on each pass (``input_index`` says which input each row is).
+    Returns columns: the key columns, ``input``, ``value``.
+    """
+    items = list(cells.items()) if hasattr(cells, "items") else [tuple(c) for c in cells]
+    if not items:
+        raise ProjLensError("sweep needs at least one cell")
+    if batch_size < 1:
+        raise ProjLensError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(inputs)
+    prepared = [(key, [as_edit(e) for e in edits]) for key, edits in items]
+    units = _units(prepared, n, batch_size)
+    groups: dict = {}
+    for u in units:
+        groups.setdefault(_mode(handle, u[1], reuse), []).append(u)
+    passes = [(mode, chunk) for mode, us in groups.items() for chunk in _pack(us, batch_size)]
+    clean = _clean_states(handle, inputs, {m for m, _ in passes}, batch_size)
+    values: dict[tuple[int, int], float] = {}
+    bar = tqdm(total=len(passes), desc="sweep", disable=not progress, leave=False)
+    try:
+        for mode, chunk in passes:
+            _run_pass(handle, inputs, mode, chunk, metric, clean, values)
+            bar.update(1)
+    finally:
+        bar.close()
+    return _frame(prepared, n, values)
+
+
+def run_cell(handle: ModelHandle, inputs: Inputs, edits, metric) -> Tensor:
+    """One cell on all inputs in one plain forward (no reuse): the reference a sweep must equal."""
+    logits = run(handle, inputs, edits=[as_edit(e) for e in edits]).logits
+    return metric(logits, torch.arange(len(inputs)))
+
+
+# --- packing ----------------------------------------------------------------------------------
+
+
+def _units(prepared, n, batch_size):
+    """(cell index, edits, input indices) blocks; a cell is split only if no edit needs its other rows."""
+    units = []
+    for c, (key, edits) in enumerate(prepared):
+        cross = any(e.intervention.cross_row or e.intervention.source_row is not None for e in edits)
+        if cross and n > batch_size:
+            raise ProjLensError(f"cell {key!r} has a cross-row edit (mean/resample/noise/source_row) over {n} inputs; "
+                                f"use batch_size >= {n}")
+        step = n if cross else min(n, batch_size)
+        for start in range(0, n, step):
+            units.append((c, edits, list(range(start, min(n, start + step)))))
+    return units
+
+
+def _pack(units, batch_size):
+    chunk, rows = [], 0
+    for u in units:
+        if chunk and rows + len(u[2]) > batch_size:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(u)
+        rows += len(u[2])
+    if chunk:
+        yield chunk
+
+
+def _mode(handle: ModelHandle, edits: list[Edit], reuse: bool) -> tuple[bool, int]:
+    """(feed inputs_embeds?, first layer that must run) for a cell."""
+    if not reuse:
+        return (False, 0)
+    layers = [layer_of(e.site.point) if e.site is not None else None for e in edits]
+    llm_only = all(e.site is not None and (layer_of(e.site.point) is not None or e.site.point == "logits")
+                   for e in edits)
+    if not llm_only:
+        return (False, 0)
+    first = min((x for x in layers if x is not None), default=handle.n_layers)
+    return (handle.adapter.family in EMBEDS_FAMILIES, first)
+
+
+def _clean_states(handle, inputs, modes, batch_size) -> dict:
+    """Merged embeddings and the clean input of each needed layer, once per input."""
+    need = sorted({first for _, first in modes if first > 0})
+    embeds = any(e for e, _ in modes)
+    if not need and not embeds:
+        return {}
+    sites = [Site(f"llm.{i}.resid_post") for i in range(max(need, default=0))]
+    if embeds:
+        sites.append(Site("llm.0.resid_pre"))
+    parts: dict = {s: [] for s in sites}
+    for start in range(0, len(inputs), batch_size):
+        res = run(handle, inputs.rows(list(range(start, min(len(inputs), start + batch_size)))), read=sites)
+        for s in sites:
+            parts[s].append(res.cache[s])
+    return {s.point: torch.cat(v) for s, v in parts.items()}
+
+
+# --- one pass ---------------------------------------------------------------------------------
+
+
+def _run_pass(handle, inputs, mode, chunk, metric, clean, values):
+    embeds, first = mode
+    index = torch.tensor([i for _, _, idx in chunk for i in idx])
+    batch = inputs.rows(index)
+    edits, offset = [], 0
+    for _, cell_edits, idx in chunk:
+        edits += [s for s in (_shift(e, idx, offset, len(inputs)) for e in cell_edits) if s is not None]
+        offset += len(idx)
+    plan = Plan.build(handle, batch, (), edits)
+    kwargs = None
+    if embeds:
+        kwargs = {"inputs_embeds": clean["llm.0.resid_pre"][index], "attention_mask": batch.attention_mask}
+    skip = {i: clean[f"llm.{i}.resid_post"][index] for i in range(first)}
+    logits = execute(handle, batch, plan, model_kwargs=kwargs, skip=skip).logits
+    out = metric(logits, index).detach().float().cpu()
+    if out.shape != (len(index),):
+        raise ProjLensError(f"sweep metric must return one value per row ({len(index)}), got shape {tuple(out.shape)}")
+    offset = 0
+    for c, _, idx in chunk:
+        for j, i in enumerate(idx):
+            values[(c, i)] = out[offset + j].item()
+        offset += len(idx)
+
+
+def _shift(e: Edit, idx: list[int], offset: int, n: int) -> Edit | None:
+    """A cell's edit (in input indices) as an edit on this pass's rows ``offset..offset+len(idx)-1``."""
+    where = {i: offset + j for j, i in enumerate(idx)}
+    wanted = range(n) if e.rows is None else torch.arange(n)[e.rows].tolist() if isinstance(e.rows, slice) \
+        else (torch.as_tensor(e.rows).nonzero()[:, 0].tolist() if torch.as_tensor(e.rows).dtype == torch.bool
+              else [int(r) % n for r in torch.as_tensor(e.rows).view(-1).tolist()])
+    rows = [where[i] for i in wanted if i in where]
+    iv = e.intervention
+    if iv.source_row is not None:
+        iv = replace(iv, source_row=where[iv.source_row % n])
+    src = getattr(iv, "source", None)
+    if isinstance(src, Tensor) and src.ndim == 3 and src.shape[0] == n:
+        keep = [i for i in wanted if i in where]
+        iv = replace(iv, source=src[torch.tensor(keep, device=src.device)])
+    return Edit(e.site, iv, rows) if rows else None   # None: this block holds none of the edit's rows
+
+
+def _frame(prepared, n, values) -> pd.DataFrame:
+    records = []
+    for c, (key, _) in enumerate(prepared):
+        cols = dict(key) if isinstance(key, dict) else {"cell": key}
+        for i in range(n):
+            records.append({**cols, "input": i, "value": values[(c, i)]})
+    return pd.DataFrame.from_records(records)
