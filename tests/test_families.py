@@ -269,3 +269,53 @@ def test_zero_ablation_row1(name):
     torch.testing.assert_close(ablated[0], clean[0], rtol=0, atol=0)
     assert (ablated[1] - clean[1]).abs().max() > 1e-4
 
+
+
+# ------------------------------------------------------------------------------ the family's own processing
+@pytest.mark.parametrize("name", NAMES)
+def test_processor_inputs(name):
+    """Inputs made by the family's own PIL processing (full processor where it builds offline, see
+    tiny_families.FULL_PROCESSOR) run through the map: the image-token positions get the projector
+    rows, in the family's token order."""
+    from tiny_families import FULL_PROCESSOR, processor_inputs
+    f = fam(name)
+    a = find_adapter(f.model)
+    enc = processor_inputs(name)
+    split = name in ("idefics3", "smolvlm")    # the processor splits each 32x16 image into 2 crops + global
+    if split:
+        assert tuple(enc["pixel_values"].shape) == (2, 3, 3, 16, 16)
+    else:
+        assert tuple(enc["pixel_values"].shape) == tuple(f.inputs["pixel_values"].shape)
+    if name in FULL_PROCESSOR:
+        assert "attention_mask" in enc
+    if name == "gemma3":   # the processor marks the soft image tokens (not <start_of_image>) as type 1
+        assert torch.equal(enc["token_type_ids"].bool(), enc["input_ids"] == IMG)
+    if name == "paligemma":
+        assert enc["input_ids"][0, :16].tolist() == [IMG] * 16 and enc["input_ids"][0, 16] == 1   # image, then <s>
+    store: dict = {}
+    seen: dict = {}
+
+    def grab(_module, args, kwargs):
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    h = f.model.get_submodule(a.layers)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with projector_hook(f.model, a.projector, store=store), torch.no_grad():
+            f.model(**enc)
+    finally:
+        h.remove()
+    mask = enc["input_ids"] == a.image_token_id(f.model.config)
+    rows = store["out"].reshape(-1, store["out"].shape[-1])
+    x = seen["x"][mask]
+    expected_tokens = {"llava_next": 88, "llava_onevision": 88, "qwen2_vl": 12, "qwen2_5_vl": 32, "idefics3": 24,
+                       "smolvlm": 24, "gemma3": 8, "mistral3": 12, "paligemma": 32}[name]
+    assert x.shape[0] == expected_tokens
+    if a.token_order == "sequence":
+        assert rows.shape[0] == expected_tokens
+        torch.testing.assert_close(x, rows, rtol=0, atol=0)
+    elif a.token_order == "window":
+        torch.testing.assert_close(x, rows[f.token_map()], rtol=0, atol=0)
+    else:
+        tmap = f.token_map()
+        assert rows.shape[0] == 96 and int((tmap >= 0).sum()) == 80
+        torch.testing.assert_close(x[tmap >= 0], rows[tmap[tmap >= 0]], rtol=0, atol=0)

@@ -336,3 +336,107 @@ FAMILIES: dict[str, Callable[..., TinyFamily]] = {
     "mistral3": tiny_mistral3,
     "paligemma": tiny_paligemma,
 }
+
+
+# ---------------------------------------------------------------------------------- processors (offline)
+# What transformers 5.24 lets us build here without torchvision or a hub tokenizer:
+#   full processor (tokenizer + PIL image processor): llava_next, idefics3, gemma3, paligemma;
+#   PIL image processor only (the ids are written by hand):
+#     llava_onevision, qwen2_vl, qwen2_5_vl -- their processors require a video processor, and every
+#       video processor class needs torchvision (VIDEO_PROCESSOR_MAPPING is a placeholder without it);
+#     mistral3 -- PixtralProcessor itself requires torchvision;
+#     smolvlm -- SmolVLMProcessor needs the `num2words` package and a video processor.
+FULL_PROCESSOR = ("llava_next", "idefics3", "gemma3", "paligemma")
+IMAGE_PROCESSOR_ONLY = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "mistral3", "smolvlm")
+WORDS = ["USER:", "what", "is", "shown", "?"]
+_HALF = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def word_tokenizer(specials: list[str], image_token: str, extra: dict | None = None):
+    """A WordLevel tokenizer whose ids fit the tiny models: <pad>=0, <s>=1, </s>=2, ``image_token`` = IMG."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    base = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(base + WORDS + [s for s in specials if s != image_token])}
+    if len(vocab) > IMG:
+        raise ValueError("too many specials for the tiny vocabulary")
+    for i in range(len(vocab), IMG):
+        vocab[f"<filler_{i}>"] = i
+    vocab[image_token] = IMG
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(w, special=True, normalized=False) for w in base + list(specials)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", padding_side="left", extra_special_tokens=extra or {})
+
+
+def tiny_images(size_wh: tuple[int, int], n: int = 2, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    w, h = size_wh
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def processor_inputs(name: str) -> dict[str, torch.Tensor]:
+    """Model inputs for two images made by the family's own (PIL) processing, ids written by hand
+    where the full processor cannot be built here (see the table above)."""
+    import transformers as tf
+    if name == "llava_next":
+        ip = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                           image_grid_pinpoints=[[16, 16], [16, 32], [32, 16]], **_HALF)
+        p = tf.LlavaNextProcessor(image_processor=ip, tokenizer=word_tokenizer(["<image>"], "<image>"), patch_size=4,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        return dict(p(images=tiny_images((24, 16)), text=["USER: <image> what is shown ?"] * 2, return_tensors="pt"))
+    if name == "idefics3":
+        rows = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+        tok = word_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + rows,
+                             "<image>")
+        ip = tf.Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16},
+                                          do_image_splitting=True, **_HALF)
+        p = tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4)
+        return dict(p(images=[[im] for im in tiny_images((32, 16))], text=["USER: <image> what is shown ?"] * 2,
+                      return_tensors="pt"))
+    if name == "gemma3":
+        tok = word_tokenizer(["<start_of_image>", "<image_soft_token>", "<end_of_image>"], "<image_soft_token>",
+                             extra={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+                                    "eoi_token": "<end_of_image>"})
+        ip = tf.Gemma3ImageProcessorPil(size={"height": 16, "width": 16}, **_HALF)
+        p = tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4)
+        return dict(p(images=[[im] for im in tiny_images((16, 16))], text=["USER: <start_of_image> what is shown ?"] * 2,
+                      return_tensors="pt"))
+    if name == "paligemma":
+        ip = tf.SiglipImageProcessorPil(size={"height": 16, "width": 16}, **_HALF)
+        ip.image_seq_length = 16
+        p = tf.PaliGemmaProcessor(image_processor=ip, tokenizer=word_tokenizer(["<image>"], "<image>",
+                                                                              extra={"image_token": "<image>"}))
+        enc = dict(p(images=tiny_images((16, 16)), text=["<image>what is shown ?"] * 2, return_tensors="pt"))
+        enc.pop("labels", None)
+        return enc
+    if name == "llava_onevision":
+        ip = tf.LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
+                                                image_grid_pinpoints=[[16, 16], [16, 32], [32, 16]], **_HALF)
+        enc = dict(ip(images=tiny_images((24, 16)), return_tensors="pt"))
+        enc.pop("batch_num_images", None)
+        return dict(input_ids=_ids(44), **enc)     # 16 + 4 x (6 + 1), as for LLaVA-NeXT
+    if name in ("qwen2_vl", "qwen2_5_vl"):
+        ip = tf.Qwen2VLImageProcessorPil(patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=16,
+                                         max_pixels=16 * 16 * 4, **_HALF)
+        size = (12, 8) if name == "qwen2_vl" else (16, 16)     # grids (1, 4, 6) and (1, 8, 8)
+        enc = dict(ip(images=tiny_images(size), return_tensors="pt"))
+        n_tok = int(enc["image_grid_thw"][0].prod()) // 4
+        ids = _ids(n_tok, before=(BOS, 10, 93), after=(92, 12, 13))
+        return dict(input_ids=ids, mm_token_type_ids=(ids == IMG).int(), **enc)
+    if name == "mistral3":
+        ip = tf.PixtralImageProcessorPil(size={"longest_edge": 24}, patch_size={"height": 4, "width": 4}, **_HALF)
+        enc = dict(ip(images=tiny_images((24, 16)), return_tensors="pt"))
+        return dict(input_ids=_ids(0, img_run=[IMG] * 3 + [94] + [IMG] * 3 + [95]), **enc)
+    if name == "smolvlm":
+        ip = tf.SmolVLMImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16},
+                                         do_image_splitting=True, **_HALF)
+        enc = dict(ip(images=[[im] for im in tiny_images((32, 16))], return_tensors="pt"))
+        run = []
+        for _ in range(enc["pixel_values"].shape[1]):   # crops + the global image, 4 tokens each
+            run += [94] + [IMG] * 4
+        return dict(input_ids=_ids(0, img_run=run + [94]), **enc)
+    raise KeyError(name)
