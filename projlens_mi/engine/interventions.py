@@ -43,6 +43,16 @@ def _source(own: Tensor | None, given: Tensor | None, act: Tensor, who: str) -> 
                             f"{tuple(act.shape)} [rows, k, d]; pass [d], [k, d] or [rows, k, d]") from None
 
 
+def project(x: Float[Tensor, "... d"], basis: Float[Tensor, "d k"]) -> Float[Tensor, "... d"]:
+    """``(x B) Bᵀ``, the component of ``x`` in span(B), computed in float64.
+
+    Float64 makes the result independent of how many rows are in the batch (float32 matmul
+    kernels sum in a shape-dependent order), which is what lets a packed sweep equal its cells.
+    """
+    b = basis.to(device=x.device, dtype=torch.float64)
+    return ((x.double() @ b) @ b.T).to(x.dtype)
+
+
 def _generator(seed: int, device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
@@ -117,8 +127,7 @@ class ProjectOut(Intervention):
         check_basis(self.basis, what="ProjectOut basis")
 
     def apply(self, act, source=None):
-        b = _like(check_basis(self.basis, act.shape[-1], "ProjectOut basis"), act)
-        return act - (act @ b) @ b.T
+        return act - project(act, check_basis(self.basis, act.shape[-1], "ProjectOut basis"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,9 +145,8 @@ class PatchSubspace(Intervention):
             raise ProjLensError("PatchSubspace needs exactly one of source=<tensor> or source_row=<row index>")
 
     def apply(self, act, source=None):
-        b = _like(check_basis(self.basis, act.shape[-1], "PatchSubspace basis"), act)
         src = _source(self.source, source, act, "PatchSubspace")
-        return act + ((src - act) @ b) @ b.T
+        return act + project(src - act, check_basis(self.basis, act.shape[-1], "PatchSubspace basis"))
 
 
 @dataclass(frozen=True, eq=False)

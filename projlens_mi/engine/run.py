@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
-from .interventions import Intervention, WithWeights
+from .interventions import Intervention, WithWeights, project
 from .sites import IMAGE_POINTS, AllTokens, Site, TokenContext, as_site, canonical, check_basis, order_key
 
 
@@ -307,7 +307,7 @@ def _select(site: Site, view: Tensor, ctx: TokenContext) -> Tensor:
     x = _gather(view, site.tokens.indices(ctx, view.shape[0]))
     if site.basis is not None:
         b = check_basis(site.basis, x.shape[-1], f"basis of {site!r}")
-        x = x @ b.to(x.device, x.dtype)
+        x = (x.double() @ b.to(x.device, torch.float64)).to(x.dtype)   # float64: batch-size independent
     return x
 
 
@@ -327,8 +327,7 @@ def _apply(handle, point, act, edit: Edit, ctx, batch):
         source = _align(iv.source, rows, idx, view.shape[1], batch)
     y = iv.apply(x, source)
     if edit.site.basis is not None:
-        b = check_basis(edit.site.basis, x.shape[-1], f"basis of {edit.site!r}").to(x.device, x.dtype)
-        y = x + ((y - x) @ b) @ b.T
+        y = x + project(y - x, check_basis(edit.site.basis, x.shape[-1], f"basis of {edit.site!r}"))
     out = view.clone()
     if idx is None:
         out[rows] = y.to(out.dtype)

@@ -1,0 +1,90 @@
+"""Sweeps equal their cells run one at a time, exactly, whatever the batch size."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from projlens_mi import Ablate, ImageWindow, LastToken, Noise, Patch, PatchSubspace, Site, Steer, WithWeights, load, run
+from projlens_mi.engine import run_cell, sweep
+from projlens_mi.errors import ProjLensError
+
+from tiny import PROMPT, tiny_images, tiny_llava
+
+N = 5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, processor = tiny_llava()
+    handle = load(model, processor=processor)
+    inputs = handle.encode(tiny_images(N), [PROMPT] * 4 + [PROMPT + " two"])
+    corrupt = handle.encode(tiny_images(N, seed=9), [PROMPT] * 4 + [PROMPT + " two"])
+    clean = run(handle, corrupt, read=[f"llm.{i}.resid_pre" for i in range(3)] + ["projector.out"]).cache
+    return handle, model, inputs, clean
+
+
+def cells_for(handle, clean):
+    basis = torch.linalg.qr(torch.randn(48, 3, generator=torch.Generator().manual_seed(0))).Q
+    lin = handle.module("model.multi_modal_projector.linear_1")
+    cells = {}
+    for layer in range(3):
+        for k in (0, 5, 15):
+            cells[{"layer": layer, "pos": k}.__repr__()] = [
+                (Site(f"llm.{layer}.resid_pre", ImageWindow(k, k + 1)), Patch(source=clean[f"llm.{layer}.resid_pre"]))]
+    cells["proj"] = [(Site("projector.out", ImageWindow(0, 4)), Patch(source=clean["projector.out"]))]
+    cells["subspace"] = [(Site("llm.1.resid_post", LastToken()), PatchSubspace(basis, source=clean["llm.2.resid_pre"]))]
+    cells["steer-some-rows"] = [(Site("llm.2.mlp_out", LastToken()), Steer(torch.ones(48), 3.0), [1, 3])]
+    cells["weights"] = [WithWeights({"linear_1": (lin.weight * 0.5, None)})]
+    cells["none"] = []
+    cells["logits"] = [(Site("logits", LastToken()), Ablate("zero"), [0])]
+    return cells
+
+
+def metric(logits, index):
+    return logits[:, -1, 7] - logits[:, -1, 9]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 5, 17, 400])
+def test_sweep_equals_cells_one_at_a_time_exactly(setup, batch_size):
+    handle, _, inputs, clean = setup
+    cells = cells_for(handle, clean)
+    df = sweep(handle, inputs, cells, metric, batch_size=batch_size, progress=False)
+    assert list(df.columns) == ["cell", "input", "value"] and len(df) == len(cells) * N
+    for key, edits in cells.items():
+        ref = run_cell(handle, inputs, edits, metric)
+        got = torch.tensor(df[df.cell == key].sort_values("input").value.to_numpy(), dtype=torch.float32)
+        assert torch.equal(got, ref), (key, (got - ref).abs().max())
+    assert df[df.cell == "none"].value.tolist() != df[df.cell == "proj"].value.tolist()
+
+
+def test_reuse_off_gives_the_same_table(setup):
+    handle, _, inputs, clean = setup
+    cells = cells_for(handle, clean)
+    a = sweep(handle, inputs, cells, metric, batch_size=8, progress=False)
+    b = sweep(handle, inputs, cells, metric, batch_size=8, progress=False, reuse=False)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_dict_keys_become_columns_and_cross_row_cells(setup):
+    handle, _, inputs, _ = setup
+    cells = [({"kind": "mean", "layer": 1}, [(Site("llm.1.resid_post", LastToken()), Ablate("mean"))]),
+             ({"kind": "noise", "layer": 0}, [(Site("projector.out"), Noise(0.3, seed=1))]),
+             ({"kind": "rome", "layer": 0}, [(Site("llm.0.resid_post", ImageWindow(0, 2)), Patch(source_row=0), [1, 2, 3])])]
+    df = sweep(handle, inputs, cells, metric, batch_size=12, progress=False)
+    assert list(df.columns) == ["kind", "layer", "input", "value"]
+    for key, edits in cells:
+        ref = run_cell(handle, inputs, edits, metric)
+        got = torch.tensor(df[df.kind == key["kind"]].value.to_numpy(), dtype=torch.float32)
+        assert torch.equal(got, ref)
+    with pytest.raises(ProjLensError, match="cross-row edit .* use batch_size >= 5"):
+        sweep(handle, inputs, cells, metric, batch_size=2, progress=False)
+
+
+def test_sweep_errors(setup):
+    handle, _, inputs, _ = setup
+    with pytest.raises(ProjLensError, match="at least one cell"):
+        sweep(handle, inputs, {}, metric)
+    with pytest.raises(ProjLensError, match="one value per row"):
+        sweep(handle, inputs, {"a": []}, lambda lg, i: lg[:, -1], progress=False)
