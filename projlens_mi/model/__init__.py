@@ -12,7 +12,7 @@ from .handle import Inputs, ModelHandle
 # Import the submodule load.py before `def load` below: Python binds a package attribute to a
 # submodule when it is first imported, which would otherwise replace the function `load` with
 # the module `projlens_mi.model.load` the first time a checkpoint is loaded.
-from . import load as _load_module  # noqa: E402,F401  (placement: see docs/scaling.md)
+from . import load as _load_module  # noqa: E402,F401
 
 __all__ = ["load", "ModelHandle", "Inputs", "Adapter", "find_adapter", "known_adapters"]
 
