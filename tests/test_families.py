@@ -319,3 +319,30 @@ def test_processor_inputs(name):
         tmap = f.token_map()
         assert rows.shape[0] == 96 and int((tmap >= 0).sum()) == 80
         torch.testing.assert_close(x[tmap >= 0], rows[tmap[tmap >= 0]], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- real-size architectures (meta)
+_DEFAULTS = {"llava_next": "LlavaNext", "llava_onevision": "LlavaOnevision", "qwen2_vl": "Qwen2VL",
+             "qwen2_5_vl": "Qwen2_5_VL", "idefics3": "Idefics3", "smolvlm": "SmolVLM", "gemma3": "Gemma3",
+             "mistral3": "Mistral3", "paligemma": "PaliGemma"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_map_fits_the_default_real_size_architecture(name):
+    """The family's DEFAULT config (a real checkpoint's architecture: 2.7B-76B parameters) built on
+    the meta device (no memory, no download): every mapped path resolves to the same kind of module."""
+    import transformers as tf
+    stem = _DEFAULTS[name]
+    cfg = getattr(tf, f"{stem}Config")()
+    with torch.device("meta"):
+        model = getattr(tf, f"{stem}ForConditionalGeneration")(cfg)
+    a = find_adapter(model)
+    assert a.family == fam(name).family
+    assert isinstance(model.get_submodule(a.layers), nn.ModuleList)
+    assert len(model.get_submodule(a.layers)) == cfg.get_text_config().num_hidden_layers
+    for path in a.projector_linears:
+        assert isinstance(model.get_submodule(path), nn.Linear)
+    for path in (a.projector, a.vision_tower, a.final_norm, a.lm_head, a.embed_tokens, a.projector_hidden):
+        if path is not None:
+            assert type(model.get_submodule(path)) is type(fam(name).model.get_submodule(path))
+    assert isinstance(a.image_token_id(cfg), int)
