@@ -29,8 +29,8 @@ def load(source, *, processor=None, device_map=None, max_memory=None, offload_fo
     if isinstance(source, ModelHandle):
         return source
     envoy = None
-    if not isinstance(source, (str, Path, torch.nn.Module)) and isinstance(getattr(source, "_model", None), torch.nn.Module):
-        envoy, source = source, source._model        # an nnsight wrapper: reuse it
+    if not isinstance(source, (str, Path, torch.nn.Module)) and isinstance(getattr(source, "_module", None), torch.nn.Module):
+        envoy, source = source, source._module       # an nnsight wrapper (NNsight / TransformersModel): reuse it
     if isinstance(source, torch.nn.Module):
         if getattr(source, "config", None) is None:
             raise ProjLensError(f"{type(source).__name__} has no HF config; pass a transformers model "
@@ -40,10 +40,10 @@ def load(source, *, processor=None, device_map=None, max_memory=None, offload_fo
         return handle
     if not isinstance(source, (str, Path)):
         raise ProjLensError(f"cannot load {type(source).__name__}; pass a folder, a hub id, or a HF model")
-    model, loaded_processor, provenance = _load_checkpoint(
-        str(source), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, revision=revision,
-        device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, dtype=dtype)
-    return ModelHandle(model.eval(), processor if processor is not None else loaded_processor, adapter, provenance)
+    model, processor, provenance = _load_checkpoint(
+        str(source), processor=processor, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        revision=revision, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, dtype=dtype)
+    return ModelHandle(model.eval(), processor, adapter, provenance)
 
 
 def _load_checkpoint(source: str, **kw):
@@ -54,7 +54,7 @@ def _load_checkpoint(source: str, **kw):
     return load_checkpoint(source, **kw)
 
 
-def _fallback_load(source, *, allow_pickle=False, trust_remote_code=False, revision=None, device_map=None,
+def _fallback_load(source, *, processor=None, allow_pickle=False, trust_remote_code=False, revision=None, device_map=None,
                    max_memory=None, offload_folder=None, dtype=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     kw = dict(revision=revision, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
@@ -63,7 +63,8 @@ def _fallback_load(source, *, allow_pickle=False, trust_remote_code=False, revis
         kw["dtype"] = dtype
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, **kw)
-        processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ProjLensError(f"cannot load {source}: {str(err).splitlines()[0]}") from None
     return model, processor, {"source": source, "revision": revision}

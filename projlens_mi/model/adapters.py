@@ -109,7 +109,7 @@ def known_adapters() -> tuple[Adapter, ...]:
 
 def _hf_model(model):
     """The HF module under an nnsight wrapper (or the model itself)."""
-    inner = getattr(model, "_model", None)
+    inner = getattr(model, "_module", None)
     return inner if inner is not None and hasattr(inner, "config") else model
 
 
