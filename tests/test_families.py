@@ -346,3 +346,42 @@ def test_map_fits_the_default_real_size_architecture(name):
         if path is not None:
             assert type(model.get_submodule(path)) is type(fam(name).model.get_submodule(path))
     assert isinstance(a.image_token_id(cfg), int)
+
+
+# ------------------------------------------------------------------------------------------ projector.in
+_PROJECTOR_IN = {   # shape of the projector's first input; does it equal the tower's last_hidden_state?
+    "llava_next": ((6, 16, 32), False),       # hidden_states[-1] with CLS dropped (tower output has 17)
+    "llava_onevision": ((6, 16, 32), False),  # SigLIP hidden_states[-1] is BEFORE post_layernorm
+    "qwen2_vl": ((48, 32), True),             # pre-merger patches (4 per output token)
+    "qwen2_5_vl": ((128, 32), True),          # ... in window order
+    "idefics3": ((4, 16, 32), True),
+    "smolvlm": ((4, 16, 32), True),
+    "gemma3": ((2, 16, 32), True),
+    "mistral3": ((48, 32), True),             # the tower's [1, 48, 32] squeezed; forward(x, image_sizes)
+    "paligemma": ((2, 16, 32), True),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_projector_in_and_vision_tower_output(name):
+    f = fam(name)
+    a = find_adapter(f.model)
+    st: dict = {}
+
+    def pre(_module, args):
+        st["in"] = args[0].detach().clone()     # returns None: a pre-hook that returns a value replaces args
+
+    def post(_module, _args, out):
+        st["vision"] = out.last_hidden_state.detach().clone()
+
+    h1 = f.model.get_submodule(a.projector).register_forward_pre_hook(pre)
+    h2 = f.model.get_submodule(a.vision_tower).register_forward_hook(post)
+    try:
+        forward(f)
+    finally:
+        h1.remove()
+        h2.remove()
+    shape, same = _PROJECTOR_IN[name]
+    assert tuple(st["in"].shape) == shape
+    v = st["vision"]
+    assert (v.numel() == st["in"].numel() and torch.equal(v.reshape(shape), st["in"])) == same

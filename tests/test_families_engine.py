@@ -116,3 +116,23 @@ def test_engine_image_window_at_projector_out_is_the_same_image_tokens(name):
     torch.testing.assert_close(at_llm.logits, ref, rtol=1e-5, atol=1e-5)
     res = run(handle, inputs, edits=[(Site("projector.out", ImageWindow(0, 3)), Patch(source_row=0), [1])])
     torch.testing.assert_close(res.logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in NAMES])
+def test_engine_zero_ablation_at_projector_in(name):
+    """Editing the projector's FIRST input keeps its other inputs (Mistral 3: image_sizes)."""
+    f = fam(name)
+    handle, inputs = engine_inputs(f)
+
+    def pre(_module, args):
+        x = args[0].clone()
+        x[x.shape[0] // 2:] = 0
+        return (x, *args[1:])
+
+    h = f.model.get_submodule(handle.adapter.projector).register_forward_pre_hook(pre)
+    try:
+        ref = forward(f)
+    finally:
+        h.remove()
+    res = run(handle, inputs, edits=[("projector.in", Ablate("zero"), [1])])
+    torch.testing.assert_close(res.logits, ref, rtol=1e-6, atol=1e-6)
