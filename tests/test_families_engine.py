@@ -13,7 +13,7 @@ import torch
 from projlens_mi.errors import ProjLensError
 
 try:
-    from projlens_mi.engine import Ablate, ImageWindow, Patch, Site, run
+    from projlens_mi.engine import Ablate, ImageWindow, Patch, Site, WithWeights, run
     from projlens_mi.model import Inputs, load
 except ImportError as err:  # the engine lands separately
     pytest.skip(f"projlens_mi.engine.run is not available yet ({err})", allow_module_level=True)
@@ -136,3 +136,51 @@ def test_engine_zero_ablation_at_projector_in(name):
         h.remove()
     res = run(handle, inputs, edits=[("projector.in", Ablate("zero"), [1])])
     torch.testing.assert_close(res.logits, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_reads_projector_hidden(name):
+    f = fam(name)
+    handle, inputs = engine_inputs(f)
+    a = handle.adapter
+    if a.projector_hidden is None:      # Idefics3 / SmolVLM / Gemma 3 / PaliGemma: no nonlinearity
+        with pytest.raises(ProjLensError, match="no projector.hidden"):
+            run(handle, inputs, read=["projector.hidden"])
+        return
+    st: dict = {}
+    h = f.model.get_submodule(a.projector_hidden).register_forward_hook(
+        lambda _m, _a, out: st.update(out=out.detach().clone()))
+    try:
+        forward(f)
+    finally:
+        h.remove()
+    res = run(handle, inputs, read=["projector.hidden"])
+    torch.testing.assert_close(res.cache["projector.hidden"], st["out"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_with_weights_on_every_projector_linear(name):
+    """WithWeights on each mapped projector linear equals a deep copy of the model whose weight was
+    really changed; the caller's parameters stay bit-identical."""
+    import copy
+    f = fam(name)
+    handle, inputs = engine_inputs(f)
+    a = handle.adapter
+    if not a.projector_linears:         # Gemma 3: the projection is a Parameter, not a Linear
+        with pytest.raises(ProjLensError, match="not one of the projector linears"):
+            run(handle, inputs, edits=[WithWeights({"mm_input_projection_weight": (torch.zeros(48, 32), None)})])
+        return
+    before = {k: v.clone() for k, v in f.model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    for path in a.projector_linears:
+        lin = f.model.get_submodule(path)
+        W = lin.weight.detach() + 0.5 * torch.randn(lin.weight.shape, generator=g)
+        twin = copy.deepcopy(f.model)
+        with torch.no_grad():
+            twin.get_submodule(path).weight.copy_(W)
+            ref = twin(**f.inputs).logits
+        res = run(handle, inputs, edits=[WithWeights({path: (W, None)})])
+        torch.testing.assert_close(res.logits, ref, rtol=1e-5, atol=1e-5)
+        assert (res.logits - forward(f)).abs().max() > 1e-4
+    after = f.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
