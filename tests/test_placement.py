@@ -20,6 +20,8 @@ import torch
 
 from projlens_mi.engine import (ImageTokens, ImageWindow, LastToken, Patch, PatchSubspace, ProjectOut, Site,
                                 WithWeights, run)
+from projlens_mi.engine.metrics import generate, target_logprob
+from projlens_mi.engine.sweep import sweep
 from projlens_mi.model.handle import ModelHandle
 from projlens_mi.model.load import load_checkpoint
 from projlens_mi.model.placement import input_device, is_dispatched, weight_of
@@ -91,6 +93,15 @@ def _suite(h: ModelHandle, inputs, basis, injection, cached_source=None) -> dict
     out["metric"] = g.metric
     W = weight_of(h.module(LINEAR_1))
     out["rank_k"] = run(h, inputs, edits=[WithWeights({LINEAR_1: (W + injection, None)})]).logits
+    # a packed sweep (LLM-layer cells reuse inputs_embeds and skip early layers; a projector cell)
+    cells = {("patch", i): [(Site(f"llm.{i}.resid_post", ImageTokens()), Patch(source_row=0))] for i in range(LAYERS)}
+    cells[("ablate", "projector")] = [(Site("projector.out"), ProjectOut(basis))]
+    frame = sweep(h, inputs, cells, lambda logits, idx: logits[:, -1, 5], batch_size=4, progress=False)
+    out["sweep"] = torch.tensor(frame["value"].to_numpy())
+    # greedy generation, plain and with a projector edit, and a teacher-forced log-prob
+    out["generate"] = generate(h, inputs, max_new_tokens=4)
+    out["generate_edited"] = generate(h, inputs, max_new_tokens=4, edits=[(Site("projector.out"), ProjectOut(basis))])
+    out["logprob"] = target_logprob(h, inputs, ["seven eight"] * len(inputs))
     return out
 
 
@@ -147,9 +158,13 @@ def test_placed_model_gives_in_memory_numbers(placement, folder, inputs, basis, 
         pytest.xfail("engine not placement-aware yet: ModelHandle.envoy must be placement.wrap(model) and "
                      "WithWeights' kept bias must be read with placement.weight_of (see docs/scaling.md)")
     assert got.keys() == expected.keys()
+    assert expected["generate"] != expected["generate_edited"]
     assert len([k for k in got if k.startswith("read:")]) == len(POINTS)
     assert len([k for k in got if k.startswith("grad:")]) == 3
+    assert got.pop("generate") == expected["generate"] and got.pop("generate_edited") == expected["generate_edited"]
     for key, want in expected.items():
+        if key.startswith("generate"):
+            continue
         have = got[key]
         assert have.device.type == "cpu", key  # results come back on the caller's device
         assert have.shape == want.shape and torch.equal(have, want), key
