@@ -378,40 +378,49 @@ def tiny_images(size_wh: tuple[int, int], n: int = 2, seed: int = 0):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def processor_inputs(name: str) -> dict[str, torch.Tensor]:
-    """Model inputs for two images made by the family's own (PIL) processing, ids written by hand
-    where the full processor cannot be built here (see the table above)."""
+def full_processor(name: str):
+    """``(processor, (width, height) of the test images, prompt)`` for a FULL_PROCESSOR family."""
     import transformers as tf
     if name == "llava_next":
         ip = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
                                            image_grid_pinpoints=[[16, 16], [16, 32], [32, 16]], **_HALF)
         p = tf.LlavaNextProcessor(image_processor=ip, tokenizer=word_tokenizer(["<image>"], "<image>"), patch_size=4,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
-        return dict(p(images=tiny_images((24, 16)), text=["USER: <image> what is shown ?"] * 2, return_tensors="pt"))
+        return p, (24, 16), "USER: <image> what is shown ?"
     if name == "idefics3":
         rows = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
         tok = word_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + rows,
                              "<image>")
         ip = tf.Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16},
                                           do_image_splitting=True, **_HALF)
-        p = tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4)
-        return dict(p(images=[[im] for im in tiny_images((32, 16))], text=["USER: <image> what is shown ?"] * 2,
-                      return_tensors="pt"))
+        return tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4), (32, 16), \
+            "USER: <image> what is shown ?"
     if name == "gemma3":
         tok = word_tokenizer(["<start_of_image>", "<image_soft_token>", "<end_of_image>"], "<image_soft_token>",
                              extra={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
                                     "eoi_token": "<end_of_image>"})
         ip = tf.Gemma3ImageProcessorPil(size={"height": 16, "width": 16}, **_HALF)
-        p = tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4)
-        return dict(p(images=[[im] for im in tiny_images((16, 16))], text=["USER: <start_of_image> what is shown ?"] * 2,
-                      return_tensors="pt"))
+        return tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4), (16, 16), \
+            "USER: <start_of_image> what is shown ?"
     if name == "paligemma":
         ip = tf.SiglipImageProcessorPil(size={"height": 16, "width": 16}, **_HALF)
         ip.image_seq_length = 16
-        p = tf.PaliGemmaProcessor(image_processor=ip, tokenizer=word_tokenizer(["<image>"], "<image>",
-                                                                              extra={"image_token": "<image>"}))
-        enc = dict(p(images=tiny_images((16, 16)), text=["<image>what is shown ?"] * 2, return_tensors="pt"))
-        enc.pop("labels", None)
+        tok = word_tokenizer(["<image>"], "<image>", extra={"image_token": "<image>"})
+        return tf.PaliGemmaProcessor(image_processor=ip, tokenizer=tok), (16, 16), "<image>what is shown ?"
+    raise KeyError(f"{name} has no offline processor here (see FULL_PROCESSOR)")
+
+
+def processor_inputs(name: str) -> dict[str, torch.Tensor]:
+    """Model inputs for two images made by the family's own (PIL) processing, ids written by hand
+    where the full processor cannot be built here (see the table above)."""
+    import transformers as tf
+    if name in FULL_PROCESSOR:
+        p, size, prompt = full_processor(name)
+        images = tiny_images(size)
+        if name in ("idefics3", "gemma3"):     # these take one list of images per prompt
+            images = [[im] for im in images]
+        enc = dict(p(images=images, text=[prompt] * 2, return_tensors="pt"))
+        enc.pop("labels", None)                # PaliGemma adds labels (= input_ids) when given text
         return enc
     if name == "llava_onevision":
         ip = tf.LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
