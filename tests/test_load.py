@@ -265,6 +265,12 @@ def test_bad_inputs_give_one_line_errors(tiny, saved, tmp_path):
     with pytest.raises(ProjLensError) as e:
         load_checkpoint(model)
     cases.append(("not a model object", _one_line(e)))
+    with pytest.raises(ProjLensError) as e:
+        load_checkpoint(saved, tp_size=2)  # not launched with torchrun
+    cases.append(("torchrun --nproc_per_node 2", _one_line(e)))
+    with pytest.raises(ProjLensError) as e:
+        load_checkpoint(saved, tp_size=2, device_map="auto")
+    cases.append(("cannot be combined", _one_line(e)))
     for want, msg in cases:
         assert want in msg, (want, msg)
     assert "processor=" in cases[4][1] and "save_pretrained" in cases[4][1]

@@ -208,6 +208,7 @@ def test_tensor_parallel_two_ranks(folder, tmp_path):
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert report["world_size"] == 2 and report["sharded"], report
+        assert report["provenance_tp"] == {"tp_size": 2, "rank": rank, "world_size": 2, "backend": "gloo"}
         assert report["q_proj_local_rows"] == 24 and report["q_proj_read_width"] == 48  # read whole
         for key, err in report["max_abs_err"].items():
             assert err <= 1e-5, (rank, key, err)

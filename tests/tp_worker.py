@@ -22,7 +22,6 @@ torch.set_num_threads(1)
 
 def main(folder: str, report_dir: str) -> None:
     import transformers
-    from transformers.distributed import DistributedConfig
 
     transformers.logging.set_verbosity_error()
     from projlens_mi.engine import ImageTokens, Patch, ProjectOut, Site, run
@@ -33,8 +32,8 @@ def main(folder: str, report_dir: str) -> None:
 
     tp_shim()
     ref_model, processor, _ = load_checkpoint(folder)
-    cls = type(ref_model)
-    tp_model = cls.from_pretrained(folder, distributed_config=DistributedConfig(tp_size=2)).eval()
+    tp_model, _, prov = load_checkpoint(folder, tp_size=2)
+    assert prov["tensor_parallel"]["tp_size"] == 2
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
     ref, tp = ModelHandle(ref_model, processor), ModelHandle(tp_model, processor)
@@ -67,6 +66,7 @@ def main(folder: str, report_dir: str) -> None:
 
     report = {
         "rank": rank, "world_size": world, "sharded": is_tensor_parallel(tp_model),
+        "provenance_tp": prov["tensor_parallel"],
         "q_proj_local_rows": int(local_rows), "q_proj_read_width": int(_full(q_out).shape[-1]),
         "max_abs_err": {k: float((got[k].double() - want[k].double()).abs().max()) for k in want},
         "changed": {k: bool((got[k] - got["logits"]).abs().max() > 1e-4) for k in ("patch", "project_out")},

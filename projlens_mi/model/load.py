@@ -70,6 +70,7 @@ def load_checkpoint(
     max_memory: dict | None = None,
     offload_folder: str | os.PathLike | None = None,
     dtype: torch.dtype | str | None = None,
+    tp_size: int | None = None,
 ) -> tuple[torch.nn.Module, Any, dict]:
     """Load a vision-language model folder or hub id safely; return ``(model, processor, provenance)``.
 
@@ -86,9 +87,13 @@ def load_checkpoint(
         device_map, max_memory, offload_folder: accelerate placement (see module docstring).
             ``max_memory`` without a ``device_map`` implies ``device_map="auto"``.
         dtype: ``torch.float32``, ``"bfloat16"``, ... or ``"auto"`` (the checkpoint's dtype).
+        tp_size: shard the model over ``tp_size`` ranks with transformers tensor parallelism
+            (``distributed_config=DistributedConfig(tp_size=...)``); the script must be launched with
+            ``torchrun --nproc_per_node <tp_size>`` and every rank calls this function.
     """
     device_map, max_memory, offload_folder, dtype = _check_placement(device_map, max_memory,
                                                                       offload_folder, dtype)
+    _check_tp(tp_size, device_map, offload_folder)
     folder, commit, where = _resolve(source, revision, allow_pickle, trust_remote_code)
     if offload_folder is not None and _inside(offload_folder, folder):
         raise ProjLensError(f"offload_folder {offload_folder} is inside the checkpoint folder {folder}; "
@@ -104,7 +109,7 @@ def load_checkpoint(
     hashes = {str(f.relative_to(folder)): _sha256(f) for f in weight_files}
     model = _load_model(folder, config, raw, fmt, weight_files, trust_remote_code=trust_remote_code,
                         device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
-                        dtype=dtype)
+                        dtype=dtype, tp_size=tp_size)
     provenance = {
         "source": str(source),
         "origin": where,
@@ -121,6 +126,7 @@ def load_checkpoint(
         "dtype": str(model.dtype).replace("torch.", ""),
         "device_map": _device_map_of(model),
         "offload_folder": str(offload_folder) if offload_folder is not None else None,
+        "tensor_parallel": _tp_info(tp_size),
         "trust_remote_code": bool(trust_remote_code),
         "allow_pickle": bool(allow_pickle),
         "versions": _versions(),
@@ -322,8 +328,15 @@ def _model_class(config, raw: dict):
 
 
 def _load_model(folder, config, raw, fmt, weight_files, *, trust_remote_code, device_map, max_memory,
-                offload_folder, dtype):
+                offload_folder, dtype, tp_size=None):
     kwargs: dict[str, Any] = {"config": config, "output_loading_info": True}
+    if tp_size is not None:
+        from transformers.distributed import DistributedConfig
+
+        from .placement import tp_shim
+
+        tp_shim()  # nnsight 0.8.1 + transformers 5.24: see placement.tp_shim
+        kwargs["distributed_config"] = DistributedConfig(tp_size=tp_size)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
@@ -436,6 +449,30 @@ def _check_placement(device_map, max_memory, offload_folder, dtype):
         elif not isinstance(dtype, (str, torch.dtype)):
             raise ProjLensError(f"dtype must be a torch.dtype or its name, got {type(dtype).__name__}")
     return device_map, max_memory, offload_folder, dtype
+
+
+def _check_tp(tp_size, device_map, offload_folder) -> None:
+    if tp_size is None:
+        return
+    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
+        raise ProjLensError(f"tp_size must be a positive int (the number of ranks), got {tp_size!r}")
+    if device_map is not None or offload_folder is not None:
+        raise ProjLensError("tp_size shards every layer over the ranks; it cannot be combined with device_map / "
+                            "max_memory / offload_folder: pass one or the other")
+    world = int(os.environ.get("WORLD_SIZE", "0") or 0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+    if world != tp_size:
+        raise ProjLensError(f"tp_size={tp_size} needs {tp_size} processes, found WORLD_SIZE={world or 'unset'}; launch "
+                            f"the script with torchrun --nproc_per_node {tp_size} <script.py> (every rank loads)")
+
+
+def _tp_info(tp_size) -> dict | None:
+    if tp_size is None:
+        return None
+    return {"tp_size": tp_size, "rank": torch.distributed.get_rank(),
+            "world_size": torch.distributed.get_world_size(),
+            "backend": str(torch.distributed.get_backend())}
 
 
 # ----------------------------------------------------------------------------------------------
