@@ -229,8 +229,12 @@ def _drive_points(handle, inputs, plan, state):
             act = act.last_hidden_state if hasattr(act, "last_hidden_state") else act[0]
         ctx = _context(handle, point, act, inputs)
         new = act
-        for e in edits:
-            new = _apply(handle, point, new, e, ctx, len(inputs))
+        if edits:   # one private copy per point; every edit writes its rows into it
+            buf = _view(handle, point, act, len(inputs)).clone()
+            picks: dict = {}
+            for e in edits:
+                _apply(point, buf, e, ctx, len(inputs), picks)
+            new = buf.view(act.shape)
         if plan.grads and reads:
             leaf = torch.zeros_like(new, requires_grad=True)
             new = new + leaf
@@ -311,29 +315,33 @@ def _select(site: Site, view: Tensor, ctx: TokenContext) -> Tensor:
     return x
 
 
-def _apply(handle, point, act, edit: Edit, ctx, batch):
-    """One edit: gather the selected tokens of the edited rows, ``apply``, scatter into a copy."""
-    view = _view(handle, point, act, batch)
-    if point in IMAGE_POINTS and view.shape[0] != batch:
-        raise ProjLensError(f"{point} has {view.shape[0]} images for {batch} rows; row edits need one image per row")
-    rows = _rows(edit.rows, batch).to(view.device)
-    idx = edit.site.tokens.indices(ctx, batch)
-    x = _gather(view[rows], None if idx is None else idx[rows.cpu()])
+def _apply(point, buf: Tensor, edit: Edit, ctx, batch: int, picks: dict) -> None:
+    """One edit: gather the selected tokens of the edited rows, ``apply``, write them back into ``buf``.
+
+    ``buf`` is the point's private ``[rows, tokens, d]`` copy, so edits at one point compose in
+    order; ``picks`` caches each selector's indices for this point.
+    """
+    if point in IMAGE_POINTS and buf.shape[0] != batch:
+        raise ProjLensError(f"{point} has {buf.shape[0]} images for {batch} rows; row edits need one image per row")
+    rows = _rows(edit.rows, batch).to(buf.device)
+    sel = edit.site.tokens
+    if sel not in picks:
+        idx = sel.indices(ctx, batch)
+        picks[sel] = None if idx is None else idx.to(buf.device)
+    idx = picks[sel]
+    at = (rows,) if idx is None else (rows[:, None], idx[rows])
+    x = buf[at]
     iv = edit.intervention
     source = None
     if iv.source_row is not None:
-        source = _gather(view[[iv.source_row]], None if idx is None else idx[[iv.source_row]])
+        r = torch.tensor([iv.source_row % batch], device=buf.device)
+        source = buf[(r,) if idx is None else (r[:, None], idx[r])]
     elif isinstance(iv.source, Tensor) and iv.source.ndim == 3:
-        source = _align(iv.source, rows, idx, view.shape[1], batch)
+        source = _align(iv.source, rows, idx, buf.shape[1], batch)
     y = iv.apply(x, source)
     if edit.site.basis is not None:
         y = x + project(y - x, check_basis(edit.site.basis, x.shape[-1], f"basis of {edit.site!r}"))
-    out = view.clone()
-    if idx is None:
-        out[rows] = y.to(out.dtype)
-    else:
-        out[rows[:, None], idx[rows.cpu()].to(out.device)] = y.to(out.dtype)
-    return out.view(act.shape)
+    buf[at] = y.to(buf.dtype)
 
 
 def _align(src: Tensor, rows: Tensor, idx: Tensor | None, n_tokens: int, batch: int) -> Tensor:
@@ -341,7 +349,7 @@ def _align(src: Tensor, rows: Tensor, idx: Tensor | None, n_tokens: int, batch: 
     if src.shape[0] == batch and len(rows) != batch:
         src = src[rows.to(src.device)]
     if idx is not None and src.shape[1] == n_tokens and src.shape[1] != idx.shape[1]:
-        src = _gather(src, idx[rows.cpu()])
+        src = _gather(src, idx[rows].to(src.device))
     return src
 
 

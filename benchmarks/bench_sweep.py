@@ -1,0 +1,79 @@
+"""Activation patching over every (LLM layer x image-token position) cell, 32 inputs, organism size.
+
+    .venv/bin/python benchmarks/bench_sweep.py [--layers 4] [--positions 64] [--batch-size 512]
+
+Each cell patches the clean run's residual stream (``llm.{L}.resid_pre`` at one image token) into
+the triggered run and records the logit difference at the last position. Baseline: what
+TransformerLens' ``generic_activation_patch`` does, one full patched forward (32 inputs) per cell
+with a plain PyTorch forward pre-hook. Ours: ``projlens_mi.sweep`` (packed rows, vision+projector
+computed once, prefix layers skipped). The two tables must be identical (bit for bit).
+Single-threaded; each side timed once over the whole grid (it is long enough to be stable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import PROMPT, images, organism_like
+from projlens_mi import ImageWindow, Patch, Site, load, run, sweep
+
+
+def main(n_layers: int = 4, n_positions: int = 64, batch_size: int = 512, n: int = 32) -> dict:
+    torch.set_num_threads(1)
+    model, processor = organism_like()
+    handle = load(model, processor=processor)
+    triggered = handle.encode(images(n, seed=1), [PROMPT] * n)
+    clean = handle.encode(images(n, seed=2), [PROMPT] * n)
+    layers = range(min(n_layers, handle.n_layers))
+    cache = run(handle, clean, read=[f"llm.{i}.resid_pre" for i in layers]).cache
+    a, b = 5, 9   # logit difference between two vocabulary entries
+
+    def metric(logits, index):
+        return logits[:, -1, a] - logits[:, -1, b]
+
+    cells = {(L, k): [(Site(f"llm.{L}.resid_pre", ImageWindow(k, k + 1)), Patch(source=cache[f"llm.{L}.resid_pre"]))]
+             for L in layers for k in range(n_positions)}
+
+    t0 = time.perf_counter()
+    df = sweep(handle, triggered, cells, metric, batch_size=batch_size, progress=True)
+    ours = time.perf_counter() - t0
+
+    # baseline: one patched forward per cell, plain forward pre-hook, no engine
+    pos = triggered.image_mask[0].nonzero()[:, 0]   # same prompt in every row
+    kwargs = triggered.model_kwargs()
+    base = {}
+    t0 = time.perf_counter()
+    for (L, k) in cells:
+        src = cache[f"llm.{L}.resid_pre"][:, pos[k]]
+
+        def hook(module, args, p=pos[k], src=src):
+            h = args[0].clone()
+            h[:, p] = src
+            return (h, *args[1:])
+        handle_ = model.model.language_model.layers[L].register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                base[(L, k)] = metric(model(**kwargs).logits, None)
+        finally:
+            handle_.remove()
+    baseline = time.perf_counter() - t0
+
+    got = torch.tensor(df.value.to_numpy(), dtype=torch.float32).view(len(cells), n)
+    want = torch.stack([base[c] for c in cells])
+    identical = torch.equal(got, want)
+    print(f"{len(cells)} cells ({len(layers)} layers x {n_positions} image positions) x {n} inputs, 1 thread: "
+          f"baseline {baseline:.1f} s, sweep {ours:.1f} s, speed-up {baseline / ours:.2f}x (target >= 10x); "
+          f"identical table: {identical} (max |diff| {(got - want).abs().max().item():.3g})")
+    return {"baseline_s": baseline, "sweep_s": ours, "speedup": baseline / ours, "identical": identical}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--positions", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=512)
+    args = p.parse_args()
+    main(args.layers, args.positions, args.batch_size)

@@ -1,0 +1,56 @@
+"""A random-weight LLaVA of the organism's size, built from a config (no downloads), and a timer.
+
+Vision: CLIP, hidden 64, 2 layers, 32x32 images, patch 4 -> 64 image tokens. LLM: Llama, hidden
+128, 4 layers, vocab ~120. Used by the benchmarks when the organism build is not wanted.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from projlens_mi.organism.processor import build_processor
+
+WORDS = ["USER:", "ASSISTANT:", "what", "digit", "is", "shown", "?", "."] + [f"w{i}" for i in range(107)]
+PROMPT = "USER: <image> what digit is shown ? ASSISTANT:"
+IMAGE, PATCH = 32, 4
+
+
+def organism_like(seed: int = 0):
+    processor = build_processor(WORDS, IMAGE, PATCH)
+    tok = processor.tokenizer
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=IMAGE, patch_size=PATCH),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(cfg).eval(), processor
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def median_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
+    """Median wall time (ms) of each callable, interleaved round-robin so drifts hit all alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
