@@ -385,3 +385,34 @@ def test_projector_in_and_vision_tower_output(name):
     assert tuple(st["in"].shape) == shape
     v = st["vision"]
     assert (v.numel() == st["in"].numel() and torch.equal(v.reshape(shape), st["in"])) == same
+
+
+def test_onevision_multi_image_row():
+    """LLaVA-OneVision multi-image mode (batch_num_images > 1): no anyres grid, each image is ONE crop
+    (16 rows) followed by one image_newline: 2 images -> 32 projector rows -> 34 image tokens."""
+    from tiny_families import _anyres_token_map, _ids, _pixels
+    f = fam("llava_onevision")
+    m = f.model
+    ids = _ids(34, rows=1)
+    pv = _pixels(2, 3, 3, 16, 16, seed=5)       # only crop 0 of each image is used
+    sizes = torch.tensor([[16, 24], [16, 24]])
+    store: dict = {}
+    seen: dict = {}
+
+    def grab(_module, args, kwargs):
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    h = m.get_submodule(find_adapter(m).layers)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with projector_hook(m, find_adapter(m).projector, store=store), torch.no_grad():
+            m(input_ids=ids, pixel_values=pv, image_sizes=sizes, batch_num_images=torch.tensor([2]))
+    finally:
+        h.remove()
+    rows = store["out"].reshape(-1, 48)
+    assert tuple(store["out"].shape) == (2, 16, 48)
+    tmap = _anyres_token_map(m, [1, 1], 16, sizes, vision_aspect_ratio="anyres_max_9")
+    assert tmap.tolist() == list(range(16)) + [-1] + list(range(16, 32)) + [-1]
+    x = seen["x"][ids == IMG]
+    torch.testing.assert_close(x[tmap >= 0], rows, rtol=0, atol=0)
+    newline = m.model.image_newline.detach()
+    torch.testing.assert_close(x[tmap < 0], newline.expand(2, -1), rtol=0, atol=0)
