@@ -2,10 +2,13 @@
 
 Each ``tiny_<family>()`` builds a transformers 5 model from a config (2 vision layers, 2 LLM layers,
 widths 32-64, 16-pixel images) and a batch of TWO rows, one image (or one image set) per row, so a
-test can patch row 0 into row 1. Inputs are built BY HAND, not with the family's processor:
-processors need the family's real tokenizer (hub download) or a hand-built one with the family's
-special tokens and chat template, and several image processors' default (torchvision) classes do
-not import here. Building the ids by hand also pins the exact image-token count the model expects.
+test can patch row 0 into row 1. ``inputs`` are built BY HAND (ids with the exact image-token
+count the model expects, random pixels in the family's layout), so the model tests do not depend
+on processors. ``processor_inputs(name)`` at the end makes the same kind of batch with the family's
+own PIL processing: the full processor (word-level tokenizer with the family's special tokens +
+PIL image processor) for llava_next, idefics3, gemma3, paligemma; only the PIL image processor,
+with hand-written ids, where the processor cannot be built without torchvision (see
+FULL_PROCESSOR / IMAGE_PROCESSOR_ONLY for the exact reasons).
 
 ``TinyFamily.features()`` is the model's own image-feature output in the order the model scatters
 it into the sequence (``get_image_features(...).pooler_output`` concatenated): the reference a
