@@ -127,9 +127,16 @@ def measure(model, processor, batch: int, repeats: int) -> dict:
             f()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    paired = {k: sorted(t / p for t, p in zip(times[k], times["plain"])) for k in ("engine_3_sites", "nnsight_3_saves")}
+    q = lambda v, f: v[min(len(v) - 1, int(f * len(v)))]  # noqa: E731
     return {"median_ms": {k: 1e3 * v for k, v in med.items()},
             "ratio_engine": med["engine_3_sites"] / med["plain"],
-            "ratio_nnsight": med["nnsight_3_saves"] / med["plain"]}
+            "ratio_nnsight": med["nnsight_3_saves"] / med["plain"],
+            # per-repeat ratios (each instrumented call over the plain call just before it): robust to drift
+            "paired_engine": (statistics.median(paired["engine_3_sites"]), q(paired["engine_3_sites"], .25),
+                              q(paired["engine_3_sites"], .75)),
+            "paired_nnsight": (statistics.median(paired["nnsight_3_saves"]), q(paired["nnsight_3_saves"], .25),
+                               q(paired["nnsight_3_saves"], .75))}
 
 
 def main() -> None:
@@ -152,7 +159,9 @@ def main() -> None:
             rows.append((kind, r))
             print(f"{kind:14s} plain {r['median_ms']['plain']:7.2f} ms | engine run, 3 sites "
                   f"{r['median_ms']['engine_3_sites']:7.2f} ms ({r['ratio_engine']:.3f}x) | raw nnsight 3 saves "
-                  f"{r['median_ms']['nnsight_3_saves']:7.2f} ms ({r['ratio_nnsight']:.3f}x)", flush=True)
+                  f"{r['median_ms']['nnsight_3_saves']:7.2f} ms ({r['ratio_nnsight']:.3f}x) | paired: engine "
+                  "{:.3f}x [{:.3f}, {:.3f}], nnsight {:.3f}x [{:.3f}, {:.3f}]".format(*r["paired_engine"],
+                                                                                   *r["paired_nnsight"]), flush=True)
     if args.append:
         lines = ["", "## Offloaded model: 3-site trace vs plain offloaded forward (issue 6)", "",
                  f"`benchmarks/bench_offload.py`: organism-sized random-weight LLaVA (CLIP 64x2, Llama 64x4, 36 image "
@@ -160,12 +169,16 @@ def main() -> None:
                  f"{os.cpu_count()} cores shared), torch.set_num_threads(1), medians of {args.repeats} interleaved "
                  f"repeats, torch {torch.__version__}, transformers {transformers.__version__}. Sites: "
                  f"{', '.join(SITES)}. Target: <= 1.10x. Logits checked bit-identical to the plain forward.", "",
-                 "| placement | plain forward (ms) | engine `run`, 3 sites (ms) | ratio | raw nnsight, 3 saves (ms) | ratio |",
-                 "|---|---|---|---|---|---|"]
+                 "Paired ratio: median [25th, 75th percentile] over repeats of (instrumented call / the plain "
+                 "call just before it).", "",
+                 "| placement | plain forward (ms) | engine `run`, 3 sites (ms) | ratio of medians | raw nnsight, 3 saves (ms) "
+                 "| ratio of medians | engine paired ratio | nnsight paired ratio |",
+                 "|---|---|---|---|---|---|---|---|"]
         for kind, r in rows:
             m = r["median_ms"]
             lines.append(f"| {kind} | {m['plain']:.2f} | {m['engine_3_sites']:.2f} | {r['ratio_engine']:.3f}x | "
-                         f"{m['nnsight_3_saves']:.2f} | {r['ratio_nnsight']:.3f}x |")
+                         f"{m['nnsight_3_saves']:.2f} | {r['ratio_nnsight']:.3f}x | "
+                         "{:.3f}x [{:.3f}, {:.3f}] | {:.3f}x [{:.3f}, {:.3f}] |".format(*r["paired_engine"], *r["paired_nnsight"]))
         with open(args.append, "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
 
