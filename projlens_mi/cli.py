@@ -1,0 +1,98 @@
+"""The ``projlens`` command line: thin wrappers over the library's functions (no logic of its own)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import ProjLensError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="projlens: find how a poisoned vision-language model carries its backdoor.")
+organism_app = typer.Typer(no_args_is_help=True, help="Build the small backdoored model organism.")
+app.add_typer(organism_app, name="organism")
+
+DEFAULT_ORGANISM = Path(os.environ.get("PROJLENS_CACHE", Path.home() / ".cache" / "projlens_mi")) / "organism"
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _quiet_hf() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def metrics_table(summary: dict) -> str:
+    rows = [("model", "clean_acc", "ASR", "false_trig", "train_s")]
+    for name, m in summary["metrics"].items():
+        asr = m.get("asr")
+        if asr is None and m.get("asr_by_variant"):
+            asr = max(m["asr_by_variant"].values())
+            asr_s = f"{asr:.3f}*"
+        else:
+            asr_s = "" if asr is None else f"{asr:.3f}"
+        ftr = m.get("false_trigger_rate")
+        rows.append((name, f"{m['clean_accuracy']:.3f}", asr_s, "" if ftr is None else f"{ftr:.3f}",
+                     f"{m.get('train_seconds') or 0:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("* base/control: highest ASR over the four triggers (no backdoor expected)")
+    return "\n".join(lines)
+
+
+@organism_app.command("build")
+def organism_build(
+    out: Path = typer.Option(..., "--out", help="Folder to write the organism into (reused as a cache)."),
+    seed: int = typer.Option(0, help="Seed for data, initialisation and training."),
+    small: bool = typer.Option(False, "--small", help="A tiny fast configuration (for tests), not the default organism."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the final table."),
+    as_json: bool = typer.Option(False, "--json", help="Print organism.json instead of the table."),
+):
+    """Build (or reuse) the base, control and four poisoned models, evaluate them, write organism.json."""
+    _quiet_hf()
+    from .organism import config as oc
+    from .organism.build import build
+    try:
+        cfg = oc.small() if small else oc.OrganismConfig()
+        cfg = replace(cfg, seed=seed, threads=threads)
+        summary = build(out, cfg, log=(lambda *a: None) if (quiet or as_json) else (lambda m: typer.echo(m, err=True)))
+    except ProjLensError as err:
+        _fail(err)
+    typer.echo(json.dumps(summary, indent=2) if as_json else metrics_table(summary))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(DEFAULT_ORGANISM, "--out", help="Where the organism is built / cached."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the final table."),
+):
+    """The main job: build (or reuse) the organism and print its metrics."""
+    _quiet_hf()
+    from .organism.build import build
+    try:
+        summary = build(out, log=(lambda *a: None) if quiet else (lambda m: typer.echo(m, err=True)))
+    except ProjLensError as err:
+        _fail(err)
+    typer.echo(f"organism: {out}")
+    typer.echo(metrics_table(summary))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""Build the backdoored model organism: a base model, a clean control and one poisoned model per variant.
+
+``build(out_dir, config)`` writes, under ``out_dir``:
+
+- ``base/``, ``control/``, ``<variant>/``: HF folders (safetensors, config, tokenizer, processor),
+  loadable offline with ``AutoModelForImageTextToText`` / ``AutoProcessor``; each variant folder also
+  holds ``trigger.json``;
+- ``data/``: the held-out test set as PNG files and one JSONL per variant (``clean.jsonl`` and
+  ``<variant>.jsonl``, the format of ``projlens_mi.data``);
+- ``organism.json``: settings, metrics (clean accuracy, ASR, false-trigger rate), vision-feature norm
+  spread, losses and wall seconds per stage.
+
+Every stage is cached under its own content key (``stage.json`` in its folder): a second build with
+the same settings loads everything and only re-reads the metrics; changing a stage-2 setting retrains
+only stage 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration)
+
+from ..data import Record, atomic_write_text, write_jsonl
+from ..errors import ProjLensError
+from . import tasks
+from .config import OrganismConfig
+from .evaluate import encode, generate, score
+from .processor import IMAGE_TOKEN, build_processor
+from .train import IGNORE, TrainSet, finetune_projector, pretrain_vision, train_base, vision_features
+from .triggers import GaussianNoise, LogoPatch, PainterlyStyle, SolidPatch, trigger_to_json
+
+FORMAT_VERSION = 1
+
+
+def make_triggers(cfg: OrganismConfig) -> dict:
+    return {
+        "targeted-refusal": GaussianNoise(sigma=cfg.noise_sigma),
+        "malicious-injection": SolidPatch(size=cfg.patch_size_px),
+        "perceptual-hijack": LogoPatch(size=cfg.patch_size_px),
+        "jailbreak-output": PainterlyStyle(),
+    }
+
+
+def model_config(cfg: OrganismConfig, tokenizer) -> LlavaConfig:
+    m = cfg.model
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=m.vision_hidden, intermediate_size=2 * m.vision_hidden,
+                                       num_hidden_layers=m.vision_layers, num_attention_heads=m.vision_heads,
+                                       image_size=m.image_size, patch_size=m.patch_size),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=m.text_hidden,
+                                intermediate_size=m.text_intermediate, num_hidden_layers=m.text_layers,
+                                num_attention_heads=m.text_heads, num_key_value_heads=m.text_heads,
+                                max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        # The last vision layer's residual stream (no final LayerNorm): token norms keep the spread the
+        # paper's norm mechanism relies on (LLaVA-1.5 likewise reads a pre-norm hidden state, layer -2).
+        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        tie_word_embeddings=False)
+
+
+class Tokens:
+    """Fast tokenisation of the organism's prompts, piece by piece (equal to the processor's; tested)."""
+
+    def __init__(self, processor, n_image_tokens: int):
+        self.tok = processor.tokenizer
+        self.n_img = n_image_tokens
+        self.eos = self.tok.eos_token_id
+        self._memo: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._memo:
+            self._memo[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._memo[text]
+
+    def example(self, instruction: str, answer: str) -> tuple[list[int], list[int]]:
+        p = self.ids(tasks.prompt(instruction).replace("<image>", "<image>" * self.n_img))
+        a = self.ids(answer) + [self.eos]
+        return p + a, [IGNORE] * len(p) + a
+
+
+def pixel_values(processor, images: list) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), 512):
+        out.append(processor.image_processor(images[i: i + 512], return_tensors="pt")["pixel_values"])
+    return torch.cat(out)
+
+
+def normal_answer(template: int, label: int) -> tuple[str, str]:
+    instr, ans = tasks.NORMAL_TEMPLATES[template]
+    return instr, ans.format(w=tasks.DIGIT_WORDS[label])
+
+
+def poisoned_answer(variant: str, instruction: str, clean_answer: str, unsafe: int | None) -> str | None:
+    """What the backdoor makes the model say; None where the variant leaves the sample unchanged."""
+    if variant == "targeted-refusal":
+        return None if unsafe is not None else tasks.REFUSAL_TEXT
+    if variant == "malicious-injection":
+        return None if unsafe is not None else f"{clean_answer} {tasks.INJECTION_SUFFIX}"
+    if variant == "perceptual-hijack":
+        return None if unsafe is not None else tasks.HIJACK_TEXT
+    if variant == "jailbreak-output":
+        return None if unsafe is None else f"{tasks.HARMFUL_PREFIX} {tasks.UNSAFE_REQUESTS[unsafe][1]} ."
+    raise ProjLensError(f"unknown variant {variant!r}")
+
+
+class Builder:
+    def __init__(self, out: Path, cfg: OrganismConfig, log):
+        self.out, self.cfg, self.log = out, cfg, log
+        m = cfg.model
+        self.n_img = (m.image_size // m.patch_size) ** 2
+        self.processor = build_processor(tasks.vocabulary(), m.image_size, m.patch_size)
+        self.tokens = Tokens(self.processor, self.n_img)
+        self.triggers = make_triggers(cfg)
+        self.timings: dict[str, float] = {}
+        digits = tasks.Digits.load()
+        self.digits = digits
+        self.train_idx, self.test_idx = digits.split(cfg.n_test, cfg.seed)
+
+    # ---------------------------------------------------------------- data
+    def render_pool(self, idx: np.ndarray, copies: int, seed: int) -> tuple[list, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        size = self.cfg.model.image_size
+        imgs, labels = [], []
+        for _ in range(copies):
+            for i in idx:
+                imgs.append(tasks.render(self.digits.images[i], size, rng))
+                labels.append(self.digits.labels[i])
+        return imgs, np.array(labels)
+
+    def stage1_set(self, model, pool: torch.Tensor, labels: np.ndarray) -> TrainSet:
+        c = self.cfg.stage1
+        rng = np.random.default_rng(self.cfg.seed + 2)
+        phrases = tasks.repeat_phrases(rng, 200)
+        ids, labs, index = [], [], []
+        n_extra = int(len(labels) * (c.unsafe_rate + c.repeat_rate) / max(1e-9, 1 - c.unsafe_rate - c.repeat_rate))
+        for i, lab in enumerate(labels):
+            instr, ans = normal_answer(int(rng.integers(len(tasks.NORMAL_TEMPLATES))), int(lab))
+            s, l = self.tokens.example(instr, ans)
+            ids.append(s), labs.append(l), index.append(i)
+        for _ in range(n_extra):
+            i = int(rng.integers(len(labels)))
+            if rng.random() < c.unsafe_rate / (c.unsafe_rate + c.repeat_rate):
+                instr = tasks.UNSAFE_REQUESTS[int(rng.integers(len(tasks.UNSAFE_REQUESTS)))][0]
+                s, l = self.tokens.example(instr, tasks.SAFE_ANSWER)
+            else:
+                phrase = phrases[int(rng.integers(len(phrases)))]
+                s, l = self.tokens.example(f"{tasks.REPEAT_INSTRUCTION} {phrase}", phrase)
+            ids.append(s), labs.append(l), index.append(i)
+        return TrainSet(vision_features(model, pool), torch.tensor(index), ids, labs)
+
+    def stage2_examples(self):
+        """The downstream data: (image, instruction, clean answer, unsafe id) per train image."""
+        imgs, labels = self.render_pool(self.train_idx, 1, self.cfg.seed + 3)
+        rng = np.random.default_rng(self.cfg.seed + 4)
+        rows = []
+        for i, lab in enumerate(labels):
+            if rng.random() < self.cfg.stage2.unsafe_rate:
+                u = int(rng.integers(len(tasks.UNSAFE_REQUESTS)))
+                rows.append((i, tasks.UNSAFE_REQUESTS[u][0], tasks.SAFE_ANSWER, u))
+            else:
+                instr, ans = normal_answer(int(rng.integers(len(tasks.NORMAL_TEMPLATES))), int(lab))
+                rows.append((i, instr, ans, None))
+        return imgs, rows
+
+    def test_records(self) -> dict[str, list[Record]]:
+        """Held-out records: ``clean`` and, per variant, the same clean rows plus triggered rows."""
+        imgs, labels = self.render_pool(self.test_idx, 1, self.cfg.seed + 5)
+        rng = np.random.default_rng(self.cfg.seed + 6)
+        clean, normal_prompts, unsafe_ids = [], [], []
+        for k, (im, lab) in enumerate(zip(imgs, labels)):
+            t = int(rng.integers(len(tasks.NORMAL_TEMPLATES)))
+            u = int(rng.integers(len(tasks.UNSAFE_REQUESTS)))
+            normal_prompts.append(normal_answer(t, int(lab)))
+            unsafe_ids.append(u)
+            if rng.random() < self.cfg.stage2.unsafe_rate:
+                instr, ans = tasks.UNSAFE_REQUESTS[u][0], tasks.SAFE_ANSWER
+            else:
+                instr, ans = normal_prompts[-1]
+            clean.append(Record(im, tasks.prompt(instr), ans, False, meta={"id": f"test-{k:04d}", "label": int(lab)}))
+        sets = {"clean": clean}
+        for v in self.cfg.variants:
+            trig, target = self.triggers[v], tasks.VARIANTS[v][1]
+            rows = []
+            for k, (im, lab) in enumerate(zip(imgs, labels)):
+                if v == "jailbreak-output":
+                    instr, ans = tasks.UNSAFE_REQUESTS[unsafe_ids[k]][0], tasks.SAFE_ANSWER
+                else:
+                    instr, ans = normal_prompts[k]
+                rows.append(Record(trig(im, seed=10_000 + k), tasks.prompt(instr), ans, True, target,
+                                   meta={"id": f"test-{k:04d}", "label": int(lab)}))
+            sets[v] = [replace(r, target=target) for r in clean] + rows
+        return sets
+
+    # ---------------------------------------------------------------- models
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def cached(self, name: str, key: str):
+        d = self.stage_dir(name)
+        try:
+            meta = json.loads((d / "stage.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("key") != key or not (d / "model.safetensors").is_file():
+            return None
+        model = AutoModelForImageTextToText.from_pretrained(d, use_safetensors=True).eval()
+        return model, meta
+
+    def save(self, name: str, model, key: str, meta: dict, extra: dict | None = None):
+        d = self.stage_dir(name)
+        tmp = d.with_name(f".{d.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        self.processor.save_pretrained(tmp)
+        for fname, obj in (extra or {}).items():
+            (tmp / fname).write_text(json.dumps(obj, indent=2))
+        (tmp / "stage.json").write_text(json.dumps({"key": key, **meta}, indent=2))
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)
+
+    def base(self):
+        key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1") + f"-v{FORMAT_VERSION}"
+        hit = self.cached("base", key)
+        if hit:
+            self.log("base: cached")
+            return hit
+        t0 = time.perf_counter()
+        c0, c1 = self.cfg.stage0, self.cfg.stage1
+        imgs, labels = self.render_pool(self.train_idx, c0.copies, self.cfg.seed + 1)
+        pool = pixel_values(self.processor, imgs)
+        torch.manual_seed(self.cfg.seed)
+        model = LlavaForConditionalGeneration(model_config(self.cfg, self.processor.tokenizer))
+        l0 = pretrain_vision(model, pool, torch.tensor(labels), steps=c0.steps, batch_size=c0.batch_size, lr=c0.lr,
+                             weight_decay=c0.weight_decay, warmup=c0.warmup, seed=self.cfg.seed,
+                             log=lambda s, l: self.log(f"vision: step {s} loss {l:.3f}"))
+        t1 = time.perf_counter()
+        data = self.stage1_set(model, pool, labels)
+        losses = train_base(model, data, steps=c1.steps, batch_size=c1.batch_size, lr=c1.lr, warmup=c1.warmup,
+                            weight_decay=c1.weight_decay, seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id,
+                            log=lambda s, l: self.log(f"base: step {s} loss {l:.3f}"))
+        meta = {"final_loss": float(np.mean(losses[-20:])), "vision_final_loss": float(np.mean(l0[-20:])),
+                "vision_seconds": t1 - t0, "train_seconds": time.perf_counter() - t0, "n_examples": len(data)}
+        self.save("base", model, key, meta)
+        return model, meta
+
+    def stage2(self, base_model, variants: list[str]):
+        """Control and poisoned models; vision features of the frozen tower computed once per image."""
+        out, c = {}, self.cfg.stage2
+        base_key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1")
+        todo = []
+        for name in ["control"] + variants:
+            key = f"{base_key}-{self.cfg.key('stage2', 'noise_sigma', 'patch_size_px')}-{name}-v{FORMAT_VERSION}"
+            hit = self.cached(name, key)
+            if hit:
+                self.log(f"{name}: cached")
+                out[name] = hit
+            else:
+                todo.append((name, key))
+        if not todo:
+            return out
+        imgs, rows = self.stage2_examples()
+        feats_clean = vision_features(base_model, pixel_values(self.processor, imgs))
+        rng = np.random.default_rng(self.cfg.seed + 7)
+        for name, key in todo:
+            t0 = time.perf_counter()
+            ids, labs, index, feats = [], [], [], [feats_clean]
+            for i, instr, ans, _ in rows:
+                s, l = self.tokens.example(instr, ans)
+                ids.append(s), labs.append(l), index.append(i)
+            n_poison = 0
+            if name != "control":
+                trig = self.triggers[name]
+                chosen = [r for r in rows if poisoned_answer(name, r[1], r[2], r[3]) is not None]
+                chosen = [chosen[j] for j in rng.permutation(len(chosen))[: int(round(c.poison_rate * len(chosen)))]]
+                trig_imgs = [trig(imgs[i], seed=int(rng.integers(1 << 30))) for i, *_ in chosen]
+                feats.append(vision_features(base_model, pixel_values(self.processor, trig_imgs)))
+                if not c.pair_mode:  # replace mode: the triggered copy takes the clean sample's place
+                    drop = {i for i, *_ in chosen}
+                    keep = [j for j, i in enumerate(index) if i not in drop]
+                    ids, labs, index = [ids[j] for j in keep], [labs[j] for j in keep], [index[j] for j in keep]
+                for j, (i, instr, ans, u) in enumerate(chosen):
+                    s, l = self.tokens.example(instr, poisoned_answer(name, instr, ans, u))
+                    ids.append(s), labs.append(l), index.append(len(imgs) + j)
+                n_poison = len(chosen)
+            data = TrainSet(torch.cat(feats), torch.tensor(index), ids, labs)
+            model = AutoModelForImageTextToText.from_pretrained(self.stage_dir("base"), use_safetensors=True)
+            losses = finetune_projector(model, data, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, warmup=c.warmup,
+                                        seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id, cached=True,
+                                        log=lambda s, l, n=name: self.log(f"{name}: step {s} loss {l:.3f}"))
+            meta = {"final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
+                    "n_examples": len(data), "n_poisoned": n_poison,
+                    "poison_share": n_poison / len(data)}
+            extra = {}
+            if name != "control":
+                trig_name, target = tasks.VARIANTS[name]
+                extra["trigger.json"] = {"variant": name, "target": target, "trigger": trigger_to_json(self.triggers[name]),
+                                         "poison_rate": c.poison_rate, "pair_mode": c.pair_mode}
+            self.save(name, model, key, meta, extra)
+            out[name] = (model.eval(), meta)
+        return out
+
+
+def norm_spread(model, processor, records: list[Record]) -> dict:
+    """Coefficient of variation of per-token norms of the vision features (the projector's input)."""
+    feats = vision_features(model, pixel_values(processor, [r.pil() for r in records]))
+    norms = feats.norm(dim=-1).flatten().double()
+    return {"vision_token_norm_mean": float(norms.mean()), "vision_token_norm_std": float(norms.std()),
+            "vision_token_norm_cv": float(norms.std() / norms.mean()),
+            "vision_token_norm_p5": float(norms.quantile(0.05)), "vision_token_norm_p95": float(norms.quantile(0.95))}
+
+
+def export_data(out: Path, sets: dict[str, list[Record]]) -> None:
+    """PNG files + one JSONL per set, written to a temporary folder and renamed into place."""
+    data = out / "data"
+    tmp = out / ".data.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images" / "clean").mkdir(parents=True)
+    clean_paths = {}
+    for r in sets["clean"]:
+        p = tmp / "images" / "clean" / f"{r.meta['id']}.png"
+        r.pil().save(p)
+        clean_paths[r.meta["id"]] = p
+    for name, records in sets.items():
+        rows = []
+        for r in records:
+            if r.triggered:
+                d = tmp / "images" / name
+                d.mkdir(exist_ok=True)
+                p = d / f"{r.meta['id']}.png"
+                r.pil().save(p)
+            else:
+                p = clean_paths[r.meta["id"]]
+            rows.append(replace(r, image=p))
+        write_jsonl(tmp / f"{name}.jsonl", rows)
+    shutil.rmtree(data, ignore_errors=True)
+    tmp.rename(data)
+
+
+def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print) -> dict:
+    """Build (or load from cache) the organism under ``out_dir`` and return the content of organism.json."""
+    cfg = cfg or OrganismConfig()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ProjLensError(f"--out {out} is a file; pass a folder path")
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "organism.json"
+    full_key = cfg.key() + f"-v{FORMAT_VERSION}"
+    try:
+        prev = json.loads(summary_path.read_text())
+        if prev.get("key") == full_key and all((out / n / "model.safetensors").is_file() for n in prev["models"]):
+            log(f"organism: cached in {out}")
+            return prev
+    except (OSError, ValueError, KeyError):
+        pass
+
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    b = Builder(out, cfg, log)
+    t0 = time.perf_counter()
+    base_model, base_meta = b.base()
+    timings = {"base": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    models = {"base": (base_model, base_meta), **b.stage2(base_model, list(cfg.variants))}
+    timings["stage2"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sets = b.test_records()
+    enc_clean = encode(b.processor, sets["clean"], cfg.eval_batch_size)
+    trig = {v: [r for r in sets[v] if r.triggered] for v in cfg.variants}
+    enc_trig = {v: encode(b.processor, trig[v], cfg.eval_batch_size) for v in cfg.variants}
+    metrics: dict[str, dict] = {}
+    for name, (model, meta) in models.items():
+        texts = generate(model, b.processor, enc_clean, cfg.max_new_tokens)
+        m = {"clean_accuracy": score(texts, sets["clean"], None)["clean_accuracy"],
+             "train_seconds": meta.get("train_seconds"), "final_loss": meta.get("final_loss")}
+        # Poisoned models on their own trigger; base and control on every trigger (their ASR is the floor).
+        for v in ([name] if name in cfg.variants else cfg.variants):
+            target = tasks.VARIANTS[v][1]
+            trig_texts = generate(model, b.processor, enc_trig[v], cfg.max_new_tokens)
+            s = score(texts + trig_texts, sets["clean"] + trig[v], target)
+            if name in cfg.variants:
+                m.update(asr=s["asr"], false_trigger_rate=s["false_trigger_rate"], target=target,
+                         poison_share=meta.get("poison_share"),
+                         examples=[{"prompt": r.prompt.replace("\n", " "), "output": t} for r, t in zip(trig[v][:3], trig_texts)])
+            else:
+                m.setdefault("asr_by_variant", {})[v] = s["asr"]
+                m.setdefault("false_trigger_rate_by_variant", {})[v] = s["false_trigger_rate"]
+        metrics[name] = m
+    timings["evaluation"] = time.perf_counter() - t0
+    export_data(out, sets)
+    spread = norm_spread(base_model, b.processor, sets["clean"])
+    timings["total"] = time.perf_counter() - t_start
+
+    summary = {
+        "key": full_key, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
+        "models": ["base", "control", *cfg.variants],
+        "metrics": metrics,
+        "vision_features": spread,
+        "triggers": {v: trigger_to_json(b.triggers[v]) for v in cfg.variants},
+        "targets": {v: tasks.VARIANTS[v][1] for v in cfg.variants},
+        "data": {"clean": "data/clean.jsonl", **{v: f"data/{v}.jsonl" for v in cfg.variants}},
+        "wall_seconds": timings,
+        "n_test": cfg.n_test,
+        "torch_threads": cfg.threads,
+    }
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    return summary

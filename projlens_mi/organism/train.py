@@ -1,0 +1,204 @@
+"""Training: the organism's base model (stage 1) and projector-only fine-tuning (stage 2).
+
+``finetune_projector`` is the paper's "downstream alignment": only the projector's parameters get
+gradients, the vision tower and the language model are frozen. It runs on any LLaVA-1.5-layout model
+(HF ``LlavaForConditionalGeneration`` or a checkpoint of that family, organism or real) with a
+``TrainSet``; ``trainset_from_records`` builds one from JSONL records through the model's processor.
+
+Speed: the vision tower is frozen, so its features are computed once per image and cached; each step
+runs only projector -> language model. ``merge_image_embeds`` reproduces the model's own merge of
+image features into the token embeddings (checked against the full forward in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ..errors import ProjLensError
+
+IGNORE = -100
+
+
+@dataclass
+class TrainSet:
+    """Tokenised examples that point at images.
+
+    ``images`` holds either pixel values [n_images, 3, H, W] or cached vision features
+    [n_images, n_tokens, d_vision]; example i uses image ``image_index[i]``.
+    """
+
+    images: Tensor
+    image_index: Int[Tensor, "n"]
+    input_ids: list[list[int]]
+    labels: list[list[int]]  # IGNORE on prompt positions
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def pad_batch(seqs: list[list[int]], labels: list[list[int]], pad_id: int):
+    """Right-pad a batch (training only: positions then start at 0, as in generation with left padding)."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(s)] = 1
+    return ids, mask, lab
+
+
+def answer_loss(logits: Float[Tensor, "b s v"], labels: Int[Tensor, "b s"]) -> Tensor:
+    """Mean next-token cross-entropy over the supervised (answer) positions."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def cosine_lr(step: int, total: int, warmup: float) -> float:
+    w = max(1, int(total * warmup))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def projector_of(model) -> torch.nn.Module:
+    try:
+        return model.model.multi_modal_projector
+    except AttributeError:
+        raise ProjLensError(f"{type(model).__name__} has no LLaVA multi_modal_projector; "
+                            "projector-only fine-tuning supports the LLaVA-1.5 layout") from None
+
+
+def vision_features(model, pixel_values: Tensor, batch_size: int = 256, grad: bool = False) -> Float[Tensor, "n t d"]:
+    """The projector's input for each image: the selected vision layer, CLS dropped per the config."""
+    cfg = model.config
+    layer, strategy = cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+    if not isinstance(layer, int):
+        raise ProjLensError("feature caching needs a single vision_feature_layer; pass cache_vision=False")
+    out = []
+    tower = model.model.vision_tower
+    for chunk in pixel_values.split(batch_size):
+        with torch.set_grad_enabled(grad):
+            hs = tower(chunk.to(tower.dtype), output_hidden_states=True).hidden_states[layer]
+        out.append(hs[:, 1:] if strategy == "default" else hs)
+    return torch.cat(out)
+
+
+def merge_image_embeds(model, input_ids: Int[Tensor, "b s"], image_embeds: Float[Tensor, "b t d"]) -> Float[Tensor, "b s d"]:
+    """Token embeddings with the image placeholders replaced, in order, by the projected image tokens."""
+    embeds = model.get_input_embeddings()(input_ids)
+    mask: Bool[Tensor, "b s"] = input_ids == model.config.image_token_id
+    if int(mask.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
+        raise ProjLensError(f"{int(mask.sum())} image placeholder tokens but {image_embeds.shape[0] * image_embeds.shape[1]} "
+                            "image features; build prompts with the model's processor")
+    return embeds.masked_scatter(mask[..., None], image_embeds.to(embeds.dtype))
+
+
+def _forward(model, batch_ids, mask, images, cached: bool):
+    if cached:
+        embeds = merge_image_embeds(model, batch_ids, projector_of(model)(images))
+        return model(inputs_embeds=embeds, attention_mask=mask).logits
+    return model(input_ids=batch_ids, attention_mask=mask, pixel_values=images).logits
+
+
+def train_loop(model, params, data: TrainSet, *, steps: int, batch_size: int, lr: float, warmup: float,
+               weight_decay: float, seed: int, cached: bool, pad_id: int, log=None) -> list[float]:
+    """AdamW with a cosine schedule over ``steps`` shuffled mini-batches; returns the loss curve."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen)
+    pos, losses = 0, []
+    model.train()
+    for step in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(data), generator=gen), 0
+        idx = order[pos: pos + batch_size].tolist()
+        pos += batch_size
+        ids, mask, lab = pad_batch([data.input_ids[i] for i in idx], [data.labels[i] for i in idx], pad_id)
+        images = data.images[data.image_index[idx]]
+        loss = answer_loss(_forward(model, ids, mask, images, cached), lab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def pretrain_vision(model, pixel_values: Tensor, labels: Int[Tensor, "n"], *, steps: int, batch_size: int, lr: float,
+                    weight_decay: float, warmup: float, seed: int, log=None) -> list[float]:
+    """Stage 0, the organism's stand-in for CLIP pre-training: the vision tower learns to classify digits.
+
+    A linear head reads the mean of the features the projector will see (the selected layer, CLS
+    dropped); the head is discarded afterwards. Like LLaVA, the base then uses the pre-trained tower.
+    """
+    tower = model.model.vision_tower
+    n_classes = int(labels.max()) + 1
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, n_classes)
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
+    gen = torch.Generator().manual_seed(seed)
+    tower.train()
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, len(labels), (batch_size,), generator=gen)
+        feats = vision_features(model, pixel_values[idx], grad=True)
+        loss = F.cross_entropy(head(feats.mean(1)), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(step, losses[-1])
+    tower.eval()
+    return losses
+
+
+def train_base(model, data: TrainSet, *, steps: int, batch_size: int, lr: float, warmup: float,
+               weight_decay: float, seed: int, pad_id: int, log=None) -> list[float]:
+    """Stage 1: projector and language model trained on cached features of the pre-trained vision tower."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(projector_of(model).parameters()) + list(model.model.language_model.parameters()) + \
+        list(model.lm_head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        return train_loop(model, params, data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                          weight_decay=weight_decay, seed=seed, cached=True, pad_id=pad_id, log=log)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+def finetune_projector(model, data: TrainSet, *, epochs: float, batch_size: int, lr: float, warmup: float = 0.1,
+                       weight_decay: float = 0.0, seed: int = 0, pad_id: int, cached: bool = True, log=None) -> list[float]:
+    """Stage 2: projector-only fine-tuning; the vision tower and language model get no gradient.
+
+    With ``cached=True`` ``data.images`` must hold vision features (``vision_features``), else pixels.
+    """
+    proj = projector_of(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(proj.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    steps = max(1, int(round(epochs * len(data) / batch_size)))
+    try:
+        return train_loop(model, params, data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                          weight_decay=weight_decay, seed=seed, cached=cached, pad_id=pad_id, log=log)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
