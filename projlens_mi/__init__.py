@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+try:  # before nnsight is ever imported: nnsight mounts .save() on every object, after which
+    import beartype  # noqa: F401  (a later `import beartype` fails; see docs/stack-notes)
+except ImportError:
+    pass
+
 from .engine import (Ablate, AllTokens, Cache, Edit, ImageTokens, ImageWindow, Indices,  # noqa: E402
                      LastToken, Noise, Patch, PatchRegion, PatchSubspace, ProjectOut, RunResult, Site,
                      Steer, TextTokens, WithWeights, asr, generate, logit_diff, run, sweep,

@@ -113,3 +113,18 @@ def test_no_recognisable_projector(tiny):
 def test_find_adapter_on_a_wrapper(tiny):
     model, _ = tiny
     assert find_adapter(NNsight(model)).family == "llava"
+
+
+def test_inputs_cat_re_pads_and_runs_like_separate_batches(tiny):
+    model, processor = tiny
+    h = load(model, processor=processor)
+    a = h.encode(tiny_images(2), [PROMPT, PROMPT])
+    b = h.encode(tiny_images(1, seed=3), [PROMPT + " two three"])
+    both = type(a).cat([a, b], h.tokenizer.pad_token_id)
+    assert both.input_ids.shape == (3, 25) and both.image_mask.sum(1).tolist() == [16, 16, 16]
+    assert torch.equal(both.input_ids[2], b.input_ids[0]) and both.attention_mask[0, :2].sum() == 0
+    joint = run(h, both).logits
+    assert torch.allclose(joint[2], run(h, b).logits[0], atol=1e-5)
+    assert torch.allclose(joint[:2, -1], run(h, a).logits[:, -1], atol=1e-5)
+    with pytest.raises(ProjLensError, match="needs an Inputs batch"):
+        run(h, a.model_kwargs())

@@ -80,6 +80,8 @@ def run(handle: ModelHandle, inputs: Inputs, read=(), edits=(), grad_of=None) ->
     ``grad_of(logits) -> scalar`` additionally gives ``grads[site]`` = d metric / d activation for
     every read site (same selection and basis as the read).
     """
+    if not isinstance(inputs, Inputs):
+        raise ProjLensError(f"run needs an Inputs batch, got {type(inputs).__name__}; build it with handle.encode(...)")
     plan = Plan.build(handle, inputs, read, edits, grads=grad_of is not None)
     return execute(handle, inputs, plan, grad_of=grad_of)
 

@@ -56,6 +56,26 @@ class Inputs:
         return replace(self, **{f.name: rep(getattr(self, f.name)) for f in fields(self) if f.name != "extra"},
                        extra={k: rep(v) for k, v in self.extra.items()})
 
+    @staticmethod
+    def cat(parts: list["Inputs"], pad_token_id: int = 0) -> "Inputs":
+        """One batch from several (e.g. clean rows then triggered rows), re-left-padded to one length.
+
+        This is how two conditions share a forward: nnsight runs one multimodal batch per trace.
+        """
+        if not parts:
+            raise ProjLensError("Inputs.cat needs at least one batch")
+        n = max(p.input_ids.shape[1] for p in parts)
+
+        def left(t: Tensor, value) -> Tensor:
+            return torch.nn.functional.pad(t, (n - t.shape[1], 0), value=value)
+        if any(p.prompt_end is not None for p in parts):
+            raise ProjLensError("Inputs.cat joins prompts only; append targets after joining")
+        extra = {k: torch.cat([p.extra[k] for p in parts]) for k in parts[0].extra}
+        pixels = None if parts[0].pixel_values is None else torch.cat([p.pixel_values for p in parts])
+        return Inputs(torch.cat([left(p.input_ids, pad_token_id) for p in parts]),
+                      torch.cat([left(p.attention_mask, 0) for p in parts]),
+                      torch.cat([left(p.image_mask, False) for p in parts]), pixels, extra)
+
     def rows(self, index: list[int] | Tensor) -> "Inputs":
         """A sub-batch (one image per row, as in LLaVA-style models)."""
         index = torch.as_tensor(index, dtype=torch.long)
