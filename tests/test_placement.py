@@ -196,7 +196,12 @@ TP_WORKER = Path(__file__).with_name("tp_worker.py")
 
 
 @pytest.mark.slow  # two torchrun processes: about 40 s on 2 shared CPUs
-def test_tensor_parallel_two_ranks(folder, tmp_path):
+def test_tensor_parallel_two_ranks(folder, reference, tmp_path):
+    from projlens_mi.model.placement import PlacedNNsight
+
+    if not isinstance(reference.envoy, PlacedNNsight):  # pragma: no cover - until the engine change lands
+        pytest.xfail("engine not placement-aware yet: ModelHandle.envoy must be placement.wrap(model), which adds "
+                     "nnsight's TPFragments on a sharded model (without it: 'got mixed torch.Tensor and DTensor')")
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun, "torchrun not found next to the interpreter"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
