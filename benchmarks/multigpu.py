@@ -74,8 +74,8 @@ def build(arch: dict, folder: Path, device: str, dtype: torch.dtype) -> None:
         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu")
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+    with torch.device(device):  # built directly in ``dtype`` on the device: no fp32 copy of 7B weights
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype).eval()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     del model
