@@ -221,3 +221,24 @@ def test_tensor_parallel_two_ranks(folder, reference, tmp_path):
         assert set(report["max_abs_err"]) >= {"read:projector.out", "read:llm.1.resid_post",
                                              "read:llm.1.attn_out", "logits", "patch", "project_out",
                                              "grad:projector.out", "grad:llm.0.resid_post"}
+
+
+def test_placement_helpers_on_a_plain_model(reference):
+    import transformers.distributed.tensor_parallel as tpm
+
+    from projlens_mi.model.placement import (PlacedNNsight, execution_device, is_tensor_parallel, like, tp_shim,
+                                             wrap)
+
+    m = reference.model
+    assert not is_dispatched(m) and not is_tensor_parallel(m) and execution_device(m) is None
+    assert input_device(m) == torch.device("cpu")
+    lin = reference.module(LINEAR_1)
+    assert weight_of(lin) is not None and weight_of(lin).data_ptr() == lin.weight.data_ptr()  # no copy needed
+    assert weight_of(lin, "missing") is None
+    env = wrap(m)
+    assert isinstance(env, PlacedNNsight) and env.device == torch.device("cpu")
+    t = like(torch.ones(2, dtype=torch.float64), torch.zeros(1, dtype=torch.bfloat16))
+    assert t.dtype == torch.bfloat16
+    tp_shim()
+    tp_shim()  # idempotent
+    assert callable(tpm._get_parameter_plan)
