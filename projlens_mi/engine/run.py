@@ -286,19 +286,24 @@ def _read(handle, site: Site, act: Tensor, ctx: TokenContext, batch: int) -> Ten
 
 
 def _view(handle: ModelHandle, point: str, act: Tensor, batch: int) -> Float[Tensor, "rows tokens d"]:
-    """``[rows, tokens, d]`` for any point: a flat projector tensor is split evenly per row."""
-    if point in IMAGE_POINTS and act.ndim == 2:
-        if act.shape[0] % batch:
-            raise ProjLensError(f"{point}: {act.shape[0]} flat rows do not split evenly over {batch} inputs; "
-                                "use images of one size")
-        return act.view(batch, -1, act.shape[-1])
+    """``[rows, tokens, d]`` for any point.
+
+    At image points the projector's rows are regrouped per batch row: a flat ``[total, d]`` tensor,
+    or ``[images, tokens, d]`` with several images (crops, tiles) per row, becomes ``[batch,
+    tokens_per_row, d]`` in projector order. Rows must hold equally many (images of one size).
+    """
+    if point in IMAGE_POINTS and (act.ndim == 2 or act.shape[0] != batch):
+        per_row, rest = divmod(act.numel() // act.shape[-1], batch)
+        if rest or act.ndim not in (2, 3):
+            raise ProjLensError(f"{point}: a {tuple(act.shape)} projector tensor does not split evenly over {batch} "
+                                "rows; use images of one size (the same number of crops per prompt)")
+        return act.reshape(batch, per_row, act.shape[-1])
     return act
 
 
 def _context(handle, point, act, inputs: Inputs) -> TokenContext:
     if point in IMAGE_POINTS:
-        n = act.shape[0] // len(inputs) if act.ndim == 2 else act.shape[1]
-        return TokenContext(n_tokens=n, image_point=True)
+        return TokenContext(n_tokens=act.numel() // (act.shape[-1] * len(inputs)), image_point=True)
     return TokenContext(n_tokens=act.shape[1], image_point=False, image_mask=inputs.image_mask,
                         attention_mask=inputs.attention_mask, prompt_end=inputs.prompt_end)
 
@@ -323,8 +328,6 @@ def _apply(point, buf: Tensor, edit: Edit, ctx, batch: int, picks: dict) -> None
     ``buf`` is the point's private ``[rows, tokens, d]`` copy, so edits at one point compose in
     order; ``picks`` caches each selector's indices for this point.
     """
-    if point in IMAGE_POINTS and buf.shape[0] != batch:
-        raise ProjLensError(f"{point} has {buf.shape[0]} images for {batch} rows; row edits need one image per row")
     rows = _rows(edit.rows, batch).to(buf.device)
     sel = edit.site.tokens
     if sel not in picks:

@@ -199,37 +199,49 @@ class ModelHandle:
             images = list(data)
         if len(images) != len(prompts) or not prompts:
             raise ProjLensError(f"encode got {len(images)} images and {len(prompts)} prompts; pass one image per prompt")
-        enc = self.processor(images=images, text=list(prompts), return_tensors="pt", padding=True,
-                             padding_side="left")
-        enc = dict(enc)
+        enc = dict(self._process(images, list(prompts)))
+        enc.pop("labels", None)   # some processors (PaliGemma) add all -100 labels: a needless loss
         ids, mask = enc.pop("input_ids"), enc.pop("attention_mask")
         pixel_values = enc.pop("pixel_values", None)
         inputs = Inputs(ids, mask, self.image_mask(ids), pixel_values, extra=enc)
         self.check_image_tokens(inputs)
         return inputs
 
+    def _process(self, images, prompts):
+        """The processor call; processors that want one image list per prompt (Gemma 3) get it."""
+        kw = dict(text=prompts, return_tensors="pt", padding=True, padding_side="left")
+        try:
+            return self.processor(images=images, **kw)
+        except (ValueError, TypeError) as flat_err:
+            try:
+                return self.processor(images=[[im] for im in images], **kw)
+            except (ValueError, TypeError):
+                raise ProjLensError(f"the processor refused the batch: {str(flat_err).splitlines()[0]}") from None
+
     def check_image_tokens(self, inputs: Inputs) -> None:
         """Each row must hold exactly the number of placeholder tokens the model makes per image."""
         counts = inputs.image_mask.sum(1)
-        if inputs.pixel_values is None or self.adapter.layout != "batched":
-            return
+        if inputs.pixel_values is None or self.adapter.layout != "batched" or \
+                getattr(self.adapter, "token_order", "sequence") != "sequence":
+            return   # flat / windowed / anyres layouts: the model's own check runs in the forward
         n_img = inputs.pixel_values.shape[0]
         if n_img != len(inputs):
             raise ProjLensError(f"{n_img} images for {len(inputs)} prompts; pass one image per prompt")
-        expected = self._image_tokens(inputs.pixel_values)
+        expected = self._image_tokens(inputs.pixel_values, inputs.extra)
         bad = (counts != expected).nonzero()
         if len(bad):
             r = int(bad[0])
             raise ProjLensError(f"row {r} has {int(counts[r])} image tokens but the model makes {expected} per image; "
                                 "build the processor with the model's patch_size / num_additional_image_tokens")
 
-    def _image_tokens(self, pixel_values: Tensor) -> int:
+    def _image_tokens(self, pixel_values: Tensor, extra: dict) -> int:
         """Tokens per image, measured once per image shape by running the vision tower and projector on one image."""
         key = tuple(pixel_values.shape[1:])
         if key not in self._tokens_per_image:
             get = getattr(self.model, "get_image_features", None) or getattr(self.model.model, "get_image_features")
+            kw = {k: v[:1] for k, v in extra.items() if k == "image_sizes"}
             with torch.no_grad():
-                out = get(pixel_values=pixel_values[:1].to(self.device, self.dtype))
+                out = get(pixel_values=pixel_values[:1].to(self.device, self.dtype), **kw)
             feats = getattr(out, "pooler_output", out)
             feats = feats[0] if isinstance(feats, (list, tuple)) else feats
             self._tokens_per_image[key] = int(feats.shape[-2])
