@@ -1,0 +1,295 @@
+"""What the four causal analyses (patching, ablation, tracing, attribution) share.
+
+Conventions (every causal module follows them):
+
+* **Contrast.** Each triggered record is paired with its *clean counterpart*: the same prompt and
+  target on the untriggered image (matched by the records' ``id`` when both carry one, else by
+  order). Clean and triggered rows are encoded together (same padding) and teacher-forced with the
+  same text, so the two rows of a pair differ in the image only and every position lines up.
+* **Target text and its prefix.** The metric is the probability of the backdoor target text where
+  the backdoored model emits it. For targets that follow the normal answer (Malicious Injection:
+  ``"seven visit evil dot com now"``) the text before the target is a *prefix*: with
+  ``prefix="auto"`` it is read off the poisoned model's greedy generation on the triggered input
+  (the text before the target's first occurrence; empty if the target does not occur). The prefix
+  is teacher-forced too, but only the target's own tokens are scored.
+* **Metrics** (``metric=``): ``"prob"`` = p(target text | prompt, prefix) (product over its
+  tokens), ``"logprob"`` = its log, ``"first_prob"`` = p(first target token).
+* **Sites** are ``projector.out`` and ``llm.{i}.resid_post`` (the residual stream after layer ``i``)
+  for the early layers; **windows** split the image tokens into equal consecutive runs
+  (``ImageWindow``; on a square patch grid the default 5 windows of 25 tokens are the grid's rows),
+  plus ``image`` (every image token) and ``last`` (the last prompt position, LLM sites only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..data import Record
+from ..engine import ImageTokens, ImageWindow, LastToken, Site, contains, generate, run
+from ..engine.metrics import sequence_logprob, teacher_forced
+from ..errors import ProjLensError
+from ..model.handle import Inputs, ModelHandle
+from .base import Pair
+
+METRICS = ("prob", "logprob", "first_prob")
+METRIC_LABEL = {"prob": "p(target text)", "logprob": "log p(target text) [nats]", "first_prob": "p(first target token)"}
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ProjLensError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def model_of(pair: Pair, which: str) -> ModelHandle:
+    check_choice("model", which, ("poisoned", "base", "control"))
+    h = getattr(pair, which)
+    if h is None:
+        raise ProjLensError(f"this pair has no {which} model; use model='poisoned' or 'base'")
+    return h
+
+
+def matched_records(pair: Pair, n: int | None) -> tuple[list[Record], list[Record]]:
+    """``(clean counterparts, triggered)``: the triggered records (first ``n``) and, for each, the clean
+    image under the triggered record's prompt and target."""
+    trig = pair.triggered[:n] if n is not None else pair.triggered
+    clean = pair.clean
+    if not trig:
+        raise ProjLensError(f"pair {pair.name!r} has no triggered records; the data needs rows with \"triggered\": true")
+    if not clean:
+        raise ProjLensError(f"pair {pair.name!r} has no clean records; the data needs rows with \"triggered\": false")
+    by_id = {r.meta.get("id"): r for r in clean if r.meta.get("id") is not None}
+    out = []
+    for i, t in enumerate(trig):
+        c = by_id.get(t.meta.get("id")) if t.meta.get("id") is not None else None
+        if c is None:
+            if i >= len(clean):
+                raise ProjLensError(f"triggered record {i} has no clean counterpart (no matching 'id' and only "
+                                    f"{len(clean)} clean records); give both rows the same 'id'")
+            c = clean[i]
+        out.append(Record(c.image, t.prompt, t.answer, False, pair.target_of(t), dict(c.meta)))
+    return out, [replace(t, target=pair.target_of(t)) for t in trig]
+
+
+def target_prefixes(handle: ModelHandle, inputs: Inputs, targets: list[str], mode: str,
+                    max_new_tokens: int = 30) -> list[str]:
+    """The text the model says before each target (``mode="auto"``), or ``""`` everywhere (``"none"``)."""
+    check_choice("prefix", mode, ("auto", "none"))
+    if mode == "none":
+        return [""] * len(targets)
+    texts = generate(handle, inputs, max_new_tokens=max_new_tokens)
+    out = []
+    for text, target in zip(texts, targets):
+        words, tw = text.split(), target.lower().split()
+        low = [w.lower() for w in words]
+        at = next((i for i in range(len(low) - len(tw) + 1) if low[i:i + len(tw)] == tw), None)
+        out.append(" ".join(words[:at]) if at is not None else "")
+    return out
+
+
+@dataclass
+class Scored:
+    """Teacher-forced inputs with the token span to score: ``metric(logits, index) -> [rows]``."""
+
+    inputs: Inputs
+    ids: Tensor          # [n, t] appended tokens (prefix + target)
+    mask: Tensor         # [n, t] 1 where a token is scored (the target's own tokens)
+    first: Tensor        # [n] index (within the appended tokens) of the first scored token
+    prompt_len: int
+    metric_name: str
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def metric(self, logits: Float[Tensor, "rows seq vocab"], index: Tensor) -> Float[Tensor, " rows"]:
+        index = torch.as_tensor(index).long().cpu()
+        ids, mask = self.ids[index], self.mask[index]
+        if self.metric_name == "first_prob":
+            pos = self.prompt_len - 1 + self.first[index]
+            rows = torch.arange(len(index))
+            logp = logits[rows, pos.to(logits.device)].float().log_softmax(-1)
+            tok = ids[rows, self.first[index]].to(logp.device)
+            return logp.gather(1, tok[:, None])[:, 0].exp()
+        lp = sequence_logprob(logits, self.prompt_len, ids, mask)
+        return lp.exp() if self.metric_name == "prob" else lp
+
+    def rows(self, index) -> "Scored":
+        index = torch.as_tensor(index).long()
+        return Scored(self.inputs.rows(index), self.ids[index], self.mask[index], self.first[index],
+                      self.prompt_len, self.metric_name)
+
+
+def scored(handle: ModelHandle, records: list[Record], texts: list[str], prefixes: list[str],
+           metric: str) -> Scored:
+    """Encode ``records``, append ``prefix + text`` per row, score the ``text`` tokens."""
+    check_choice("metric", metric, METRICS)
+    x = handle.encode(records)
+    full = [f"{p} {t}".strip() for p, t in zip(prefixes, texts)]
+    tf, ids, mask = teacher_forced(handle, x, full)
+    tok = handle.tokenizer
+    first = torch.tensor([len(tok(p, add_special_tokens=False)["input_ids"]) if p else 0 for p in prefixes])
+    keep = mask.clone()
+    for r, f in enumerate(first.tolist()):
+        keep[r, :f] = 0
+        if keep[r].sum() == 0:
+            raise ProjLensError(f"row {r}: nothing left to score after the prefix {prefixes[r]!r}; check the target text")
+    return Scored(tf, ids, keep, first, x.input_ids.shape[1], metric)
+
+
+@dataclass
+class Contrast:
+    """Paired clean / triggered teacher-forced batches on one model (rows ``i`` of both are one pair)."""
+
+    handle: ModelHandle
+    clean: Scored
+    triggered: Scored
+    prefixes: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.clean)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return int(self.clean.inputs.image_mask[0].sum())
+
+
+def contrast(pair: Pair, which: str, n: int | None, metric: str, prefix: str = "auto",
+             max_new_tokens: int = 30) -> Contrast:
+    handle = model_of(pair, which)
+    clean_recs, trig_recs = matched_records(pair, n)
+    targets = [r.target for r in trig_recs]
+    prefixes = target_prefixes(pair.poisoned, pair.poisoned.encode(trig_recs), targets, prefix, max_new_tokens)
+    both = scored(handle, clean_recs + trig_recs, targets * 2, prefixes * 2, metric)
+    k = len(trig_recs)
+    return Contrast(handle, both.rows(range(k)), both.rows(range(k, 2 * k)), prefixes)
+
+
+def score_of(handle: ModelHandle, s: Scored, edits=()) -> Float[Tensor, " n"]:
+    """The metric of every row of ``s`` under ``edits`` (one forward)."""
+    logits = run(handle, s.inputs, edits=edits).logits
+    return s.metric(logits, torch.arange(len(s))).detach().float().cpu()
+
+
+# --- sites and windows ------------------------------------------------------------------------
+
+
+def early_layers(handle: ModelHandle, layers) -> list[int]:
+    n = handle.n_layers
+    if layers is None:
+        return list(range(min(n, 4)))
+    layers = [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise ProjLensError(f"layers {bad} out of range: the language model has {n} layers (0..{n - 1})")
+    return layers
+
+
+def site_points(handle: ModelHandle, layers) -> list[str]:
+    return ["projector.out"] + [f"llm.{i}.resid_post" for i in early_layers(handle, layers)]
+
+
+def windows(n_tokens: int, n_windows: int, extra=("image", "last")) -> dict[str, object]:
+    """Window name -> selector: ``n_windows`` equal consecutive image-token runs, then ``extra``."""
+    if n_windows < 0:
+        raise ProjLensError(f"windows must be >= 0, got {n_windows}")
+    for e in extra:
+        check_choice("extra window", e, ("image", "last"))
+    out: dict[str, object] = {}
+    bounds = np.linspace(0, n_tokens, min(n_windows, n_tokens) + 1).round().astype(int)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out[f"{a}-{b - 1}"] = ImageWindow(int(a), int(b))
+    if "image" in extra:
+        out["image"] = ImageTokens()
+    if "last" in extra:
+        out["last"] = LastToken()
+    if not out:
+        raise ProjLensError("no windows: set windows >= 1 or keep 'image' / 'last'")
+    return out
+
+
+def valid_cell(point: str, window: str) -> bool:
+    """``last`` is a text position: it does not exist at projector points."""
+    return not (window == "last" and not point.startswith("llm."))
+
+
+def read_all(handle: ModelHandle, inputs: Inputs, points: list[str]) -> dict[str, Tensor]:
+    """Full activations at ``points`` (one forward): ``[n, seq, d]`` (``[n, tokens, d]`` at projector.out)."""
+    res = run(handle, inputs, read=[Site(p) for p in points])
+    return {p: res.cache[p].detach() for p in points}
+
+
+# --- directions -------------------------------------------------------------------------------
+
+
+def projector_out(handle: ModelHandle, inputs: Inputs) -> Float[Tensor, "n tokens d"]:
+    return run(handle, inputs, read=[Site("projector.out", ImageTokens())]).cache[Site("projector.out", ImageTokens())]
+
+
+def shift_basis(pair: Pair, records: list[Record], k: int) -> Float[Tensor, "d k"]:
+    """The shared shift directions: top-``k`` right singular vectors of the token-centred
+    ΔE = E_ft − E_base (projector outputs of the poisoned and base models on the same inputs),
+    pooled over ``records``; column signs make the mean (uncentred) shift project positively.
+    """
+    x = pair.base.encode(records)
+    d_e = (projector_out(pair.poisoned, x) - projector_out(pair.base, x)).double()
+    centred = (d_e - d_e.mean(1, keepdim=True)).reshape(-1, d_e.shape[-1])
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    basis = vh[:k].T.contiguous()
+    sign = torch.sign(d_e.reshape(-1, d_e.shape[-1]).mean(0) @ basis)
+    sign[sign == 0] = 1
+    return (basis * sign).float()
+
+
+def weight_delta_basis(pair: Pair, k: int) -> Float[Tensor, "d k"]:
+    """Top-``k`` left singular vectors of ΔW of the projector's last linear (output-space directions)."""
+    linears = pair.poisoned.adapter.projector_linears
+    if not linears:
+        raise ProjLensError(f"{pair.poisoned.adapter.family} lists no projector_linears in its hook map; "
+                            "use the 'shift' basis instead")
+    path = linears[-1]
+    dw = (pair.poisoned.module(path).weight.detach().double() - pair.base.module(path).weight.detach().double())
+    u, _, _ = torch.linalg.svd(dw, full_matrices=False)
+    return u[:, :k].contiguous().float()
+
+
+def random_basis(d: int, k: int, seed: int) -> Float[Tensor, "d k"]:
+    """A random orthonormal ``[d, k]`` basis (the placebo subspace), seeded."""
+    g = torch.Generator().manual_seed(int(seed))
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
+    return q.float()
+
+
+def mean_diff_direction(handle: ModelHandle, c: Contrast) -> Float[Tensor, " d"]:
+    """Unit mean of (triggered − clean) projector outputs over pairs and image tokens."""
+    diff = projector_out(handle, c.triggered.inputs) - projector_out(handle, c.clean.inputs)
+    v = diff.double().mean((0, 1))
+    return (v / v.norm().clamp_min(1e-12)).float()
+
+
+def unembed_direction(handle: ModelHandle, c: Contrast) -> Float[Tensor, " d"]:
+    """Unit LM-head row of the first scored target token (the direction that raises its logit)."""
+    tok = int(c.triggered.ids[0, c.triggered.first[0]])
+    w = handle.module("lm_head").weight.detach().double()
+    v = w[tok] - w.mean(0)
+    return (v / v.norm().clamp_min(1e-12)).float()
+
+
+def normalised(value: float, low: float, high: float, eps: float = 1e-9) -> float:
+    """``(value - low) / (high - low)``; NaN where the two baselines do not differ."""
+    den = high - low
+    return float("nan") if abs(den) < eps else (value - low) / den
+
+
+def generated_rates(handle: ModelHandle, trig_recs, clean_recs, target_of, edits, max_new_tokens) -> tuple[float, float]:
+    """(ASR on triggered records, clean accuracy on clean records) by greedy generation under ``edits``."""
+    xs = handle.encode(trig_recs + clean_recs)
+    texts = generate(handle, xs, max_new_tokens=max_new_tokens, edits=edits)
+    t_texts, c_texts = texts[:len(trig_recs)], texts[len(trig_recs):]
+    asr = float(np.mean([contains([t], target_of(r))[0] for t, r in zip(t_texts, trig_recs)])) if trig_recs else float("nan")
+    acc = float(np.mean([contains([t], r.answer)[0] for t, r in zip(c_texts, clean_recs)])) if clean_recs else float("nan")
+    return asr, acc

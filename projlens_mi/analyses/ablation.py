@@ -1,0 +1,274 @@
+"""Subspace projection ablation: remove a k-dim subspace from the projector output (and from early
+residual streams) and watch the backdoor and the clean behaviour, next to random placebo subspaces.
+
+Subspaces (``[d, k]``, orthonormal columns, all in the language model's width):
+
+* ``dW`` — the top-k left singular vectors of ΔW of the projector's last linear (``linear_2``):
+  the output-space directions the fine-tune writes most strongly into;
+* ``shift`` — the top-k shared shift directions (right singular vectors of the token-centred
+  ΔE = E_ft − E_base, pooled over the inputs; ``_causal.shift_basis``);
+* ``random`` — the placebo: a random orthonormal subspace of the same dimension, one per seed,
+  averaged (mean ± s.d. over seeds).
+
+Every cell applies ``ProjectOut(B[:, :k])`` (``x − (x B) Bᵀ``) at one site to every image token
+(``residual_tokens="all"``: every position at residual sites). Measured with teacher forcing at
+every site: the target metric on triggered inputs and the probability of the correct answer on
+clean inputs; at ``projector.out`` also by greedy generation: ASR (target substring, triggered
+inputs) and clean accuracy (answer substring, clean inputs). The engine's ``generate`` runs edits
+at projector sites only, so the residual sites have the teacher-forced numbers alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..engine import AllTokens, ImageTokens, ProjectOut, Site, sweep
+from ..errors import ProjLensError
+from . import _causal as C
+from .base import Pair, Result, analysis, register_result
+
+BASES = ("dW", "shift")
+
+
+@dataclass
+class AblationParams:
+    """Defaults run in seconds per organism variant on 2 CPUs.
+
+    n: triggered and clean inputs each. bases: ``dW`` and/or ``shift``. ks: subspace dimensions
+    (clipped to the model width). layers: LLM layers whose residual stream (``resid_post``) is
+    ablated besides ``projector.out`` (None = the first 2). residual_tokens: ``image`` | ``all``.
+    placebo_seeds: one random subspace per seed and k. metric: ``prob`` | ``logprob`` |
+    ``first_prob`` (target on triggered inputs; the same kind of number for the answer on clean
+    inputs). generate / max_new_tokens: ASR and clean accuracy by generation at projector.out.
+    """
+
+    n: int = 16
+    bases: tuple[str, ...] = BASES
+    ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    layers: tuple[int, ...] | None = None
+    residual_tokens: str = "image"
+    placebo_seeds: tuple[int, ...] = (0, 1, 2)
+    metric: str = "prob"
+    prefix: str = "auto"
+    generate: bool = True
+    max_new_tokens: int = 16
+    model: str = "poisoned"
+    batch_size: int = 256
+    progress: bool = True
+
+
+@register_result
+@dataclass
+class AblationResult(Result):
+    analysis = "ablation"
+    bases: list = field(default_factory=list)      # real bases, then "random"
+    ks: list = field(default_factory=list)
+    sites: list = field(default_factory=list)
+    target: np.ndarray = None       # [basis, k, site] mean target metric on triggered inputs
+    clean: np.ndarray = None        # [basis, k, site] mean answer metric on clean inputs
+    target_sd: np.ndarray = None    # [k, site] s.d. over placebo seeds
+    clean_sd: np.ndarray = None
+    asr: np.ndarray = None          # [basis, k] by generation, ablation at projector.out (NaN if not run)
+    accuracy: np.ndarray = None
+    asr_sd: np.ndarray = None       # [k] over placebo seeds
+    accuracy_sd: np.ndarray = None
+    baseline: dict = field(default_factory=dict)   # no ablation: target, clean, asr, accuracy
+    table: pd.DataFrame = None      # basis, k, site, seed, inputs, value (mean), kind
+    metric: str = "prob"
+    n: int = 0
+    variant: str = ""
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for b, name in enumerate(self.bases):
+            for i, k in enumerate(self.ks):
+                for s, site in enumerate(self.sites):
+                    rows.append({"basis": name, "k": k, "site": site, "measure": f"target_{self.metric}",
+                                 "value": self.target[b, i, s],
+                                 "sd": self.target_sd[i, s] if name == "random" else np.nan})
+                    rows.append({"basis": name, "k": k, "site": site, "measure": f"clean_answer_{self.metric}",
+                                 "value": self.clean[b, i, s],
+                                 "sd": self.clean_sd[i, s] if name == "random" else np.nan})
+                if np.isfinite(self.asr[b, i]):
+                    for m, arr, sd in (("asr", self.asr, self.asr_sd), ("clean_accuracy", self.accuracy, self.accuracy_sd)):
+                        rows.append({"basis": name, "k": k, "site": "projector.out", "measure": m,
+                                     "value": arr[b, i], "sd": sd[i] if name == "random" else np.nan})
+        for m, v in self.baseline.items():
+            rows.append({"basis": "none", "k": 0, "site": "", "measure": m, "value": v, "sd": np.nan})
+        return pd.DataFrame(rows)
+
+    def plot(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        gen = bool(np.isfinite(self.asr).any())
+        ncol = len(self.sites) + int(gen)
+        fig, axes = plt.subplots(2 if not gen else 2, ncol, figsize=(3.3 * ncol + 0.6, 6.2), squeeze=False,
+                                 constrained_layout=True)
+        colours = {"dW": "tab:red", "shift": "tab:blue", "random": "tab:grey"}
+        ks = np.array(self.ks)
+        for row, (arr, sd, what, base) in enumerate(
+                ((self.target, self.target_sd, f"triggered: {C.METRIC_LABEL[self.metric]}", "target"),
+                 (self.clean, self.clean_sd, "clean: p(correct answer)" if self.metric == "prob" else
+                  f"clean: answer {self.metric}", "clean"))):
+            for s, site in enumerate(self.sites):
+                ax = axes[row, s]
+                for b, name in enumerate(self.bases):
+                    label = "random placebo (mean ± s.d.)" if name == "random" else f"{name} top-k"
+                    ax.plot(ks, arr[b, :, s], "o-", color=colours.get(name), label=label)
+                    if name == "random":
+                        ax.fill_between(ks, arr[b, :, s] - sd[:, s], arr[b, :, s] + sd[:, s], color="grey", alpha=0.25)
+                ax.axhline(self.baseline.get(base, np.nan), color="k", ls=":", lw=1, label="no ablation")
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ks, [str(k) for k in ks])
+                ax.set_xlabel("subspace dimension k removed")
+                ax.set_ylabel(what)
+                ax.set_title(f"{site}", fontsize=9)
+                if row == 0 and s == 0:
+                    ax.legend(fontsize=7)
+        if gen:
+            for row, (arr, sd, what, base) in enumerate(((self.asr, self.asr_sd, "ASR (fraction)", "asr"),
+                                                         (self.accuracy, self.accuracy_sd, "clean accuracy (fraction)", "accuracy"))):
+                ax = axes[row, -1]
+                for b, name in enumerate(self.bases):
+                    ax.plot(ks, arr[b], "s-", color=colours.get(name), label=name)
+                    if name == "random":
+                        ax.fill_between(ks, arr[b] - sd, arr[b] + sd, color="grey", alpha=0.25)
+                ax.axhline(self.baseline.get(base, np.nan), color="k", ls=":", lw=1)
+                ax.set_ylim(-0.05, 1.05)
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ks, [str(k) for k in ks])
+                ax.set_xlabel("subspace dimension k removed")
+                ax.set_ylabel(what)
+                ax.set_title("generation, ablated at projector.out", fontsize=9)
+        fig.suptitle(f"Subspace projection ablation {self.variant} (n={self.n}): backdoor (top) and clean behaviour (bottom)",
+                     fontsize=10)
+        return fig
+
+    def _at(self, basis: str, site: str = "projector.out"):
+        b, s = self.bases.index(basis), self.sites.index(site)
+        return self.target[b, :, s], self.clean[b, :, s]
+
+    def metrics(self) -> dict:
+        out = {"baseline": dict(self.baseline), "ks": list(self.ks)}
+        for name in self.bases:
+            t, c = self._at(name)
+            out[name] = {"target_projector_out": [float(v) for v in t], "clean_projector_out": [float(v) for v in c]}
+            if np.isfinite(self.asr).any():
+                b = self.bases.index(name)
+                out[name]["asr"] = [float(v) for v in self.asr[b]]
+                out[name]["clean_accuracy"] = [float(v) for v in self.accuracy[b]]
+        return out
+
+    def summary(self) -> str:
+        base_t = self.baseline.get("target", np.nan)
+        parts = [f"**Subspace projection ablation** ({self.variant}, {self.n} triggered and {self.n} clean inputs, "
+                 f"metric {C.METRIC_LABEL[self.metric]}): without ablation the target scores {base_t:.3g} on triggered inputs"
+                 + (f" (ASR {self.baseline['asr']:.0%}, clean accuracy {self.baseline['accuracy']:.0%})."
+                    if np.isfinite(self.baseline.get("asr", np.nan)) else ".")]
+        r = self.bases.index("random")
+        for name in self.bases:
+            if name == "random":
+                continue
+            t, c = self._at(name)
+            pt, pc = self._at("random")
+            k_small = self.ks[0]
+            txt = (f"Removing the top-{k_small} {name} direction(s) from projector.out leaves {t[0]:.3g} "
+                   f"(placebo {pt[0]:.3g} ± {self.target_sd[0, 0]:.2g}); at k={self.ks[-1]}: {t[-1]:.3g} "
+                   f"(placebo {pt[-1]:.3g}), while the clean answer goes {self.baseline.get('clean', np.nan):.3g} → {c[-1]:.3g} "
+                   f"(placebo {pc[-1]:.3g})")
+            if np.isfinite(self.asr).any():
+                b = self.bases.index(name)
+                txt += (f"; ASR {self.asr[b, 0]:.0%} at k={k_small} and {self.asr[b, -1]:.0%} at k={self.ks[-1]} "
+                        f"vs placebo {self.asr[r, 0]:.0%} and {self.asr[r, -1]:.0%}")
+            parts.append(txt + ".")
+        gaps = [float(np.nanmax(self.target[r] - self.target[b])) for b, n in enumerate(self.bases) if n != "random"]
+        if gaps:
+            best = max(gaps)
+            rel = best / max(abs(base_t), 1e-12) if self.metric != "logprob" else best
+            parts.append("The backdoor-specific directions remove clearly more than random subspaces of the same size."
+                         if rel > 0.2 else
+                         "Specific directions do not beat the random placebo by much: the backdoor is not confined to them.")
+        return " ".join(parts)
+
+
+def ablation_cells(bases: dict, ks, points, seeds, d: int, residual_tokens: str):
+    """Sweep cells ``({basis, k, site, seed}, [ProjectOut edit])``; placebo = fresh random bases."""
+    cells = []
+    for k in ks:
+        subspaces = [(name, -1, B[:, :k]) for name, B in bases.items() if B.shape[1] >= k]
+        subspaces += [("random", s, C.random_basis(d, k, s)) for s in seeds]
+        for name, seed, B in subspaces:
+            for p in points:
+                sel = AllTokens() if (residual_tokens == "all" and p.startswith("llm.")) else ImageTokens()
+                cells.append(({"basis": name, "k": k, "site": p, "seed": seed}, [(Site(p, sel), ProjectOut(B.contiguous()))]))
+    return cells
+
+
+@analysis("ablation", AblationParams)
+def ablation(pair: Pair, params: AblationParams = AblationParams()) -> AblationResult:
+    """Remove the top-k ΔW / shared-shift directions (and random placebo subspaces) from projector.out
+    and early residual streams → target probability, clean-answer probability, ASR, clean accuracy vs k."""
+    p = params
+    if p.n < 1:
+        raise ProjLensError(f"n must be >= 1, got {p.n}")
+    for b in p.bases:
+        C.check_choice("basis", b, BASES)
+    C.check_choice("residual_tokens", p.residual_tokens, ("image", "all"))
+    if not p.ks or min(p.ks) < 1:
+        raise ProjLensError(f"ks must be a non-empty list of dimensions >= 1, got {p.ks}")
+    h = C.model_of(pair, p.model)
+    trig, clean = pair.triggered[:p.n], pair.clean[:p.n]
+    if not trig or not clean:
+        raise ProjLensError(f"pair {pair.name!r} needs both clean and triggered records for ablation")
+    targets = [pair.target_of(r) for r in trig]
+    prefixes = C.target_prefixes(pair.poisoned, pair.poisoned.encode(trig), targets, p.prefix, p.max_new_tokens)
+    s_trig = C.scored(h, trig, targets, prefixes, p.metric)
+    s_clean = C.scored(h, clean, [r.answer for r in clean], [""] * len(clean), p.metric)
+    d = h.module("lm_head").weight.shape[1]
+    ks = sorted({min(int(k), d) for k in p.ks})
+    kmax = max(ks)
+    bases = {}
+    if "dW" in p.bases:
+        bases["dW"] = C.weight_delta_basis(pair, kmax)
+    if "shift" in p.bases:
+        bases["shift"] = C.shift_basis(pair, clean + trig, kmax)
+    points = ["projector.out"] + [f"llm.{i}.resid_post" for i in C.early_layers(h, p.layers if p.layers is not None else range(min(2, h.n_layers)))]
+    cells = ablation_cells(bases, ks, points, p.placebo_seeds, d, p.residual_tokens)
+    frames = []
+    for kind, s in (("target", s_trig), ("clean", s_clean)):
+        df = sweep(h, s.inputs, cells, s.metric, batch_size=p.batch_size, progress=p.progress)
+        df["kind"] = kind
+        frames.append(df)
+    table = pd.concat(frames, ignore_index=True)
+    names = list(bases) + ["random"]
+    per = table.groupby(["kind", "basis", "k", "site", "seed"])["value"].mean().reset_index()
+    shape = (len(names), len(ks), len(points))
+    arrs = {kind: np.full(shape, np.nan) for kind in ("target", "clean")}
+    sds = {kind: np.full(shape[1:], np.nan) for kind in ("target", "clean")}
+    for (kind, name, k, site), g in per.groupby(["kind", "basis", "k", "site"]):
+        idx = (names.index(name), ks.index(k), points.index(site))
+        arrs[kind][idx] = g["value"].mean()
+        if name == "random":
+            sds[kind][idx[1:]] = g["value"].std(ddof=0)
+    asr, acc = np.full(shape[:2], np.nan), np.full(shape[:2], np.nan)
+    asr_sd, acc_sd = np.full(len(ks), np.nan), np.full(len(ks), np.nan)
+    baseline = {"target": float(C.score_of(h, s_trig).mean()), "clean": float(C.score_of(h, s_clean).mean())}
+    if p.generate:
+        target_of = pair.target_of
+        baseline["asr"], baseline["accuracy"] = C.generated_rates(h, trig, clean, target_of, (), p.max_new_tokens)
+        for key, edits in cells:
+            if key["site"] != "projector.out":
+                continue
+            key["asr"], key["accuracy"] = C.generated_rates(h, trig, clean, target_of, edits, p.max_new_tokens)
+        gen = pd.DataFrame([k for k, _ in cells if k["site"] == "projector.out"])
+        for (name, k), g in gen.groupby(["basis", "k"]):
+            i = (names.index(name), ks.index(k))
+            asr[i], acc[i] = g["asr"].mean(), g["accuracy"].mean()
+            if name == "random":
+                asr_sd[i[1]], acc_sd[i[1]] = g["asr"].std(ddof=0), g["accuracy"].std(ddof=0)
+    return AblationResult(names, ks, points, arrs["target"], arrs["clean"], sds["target"], sds["clean"], asr, acc,
+                          asr_sd, acc_sd, baseline, per, p.metric, len(trig), pair.name)
