@@ -88,3 +88,25 @@ def test_sweep_errors(setup):
         sweep(handle, inputs, {}, metric)
     with pytest.raises(ProjLensError, match="one value per row"):
         sweep(handle, inputs, {"a": []}, lambda lg, i: lg[:, -1], progress=False)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "idefics3", "gemma3", "llava_next"])
+def test_sweep_on_other_families_equals_cells(name):
+    """Flat projector output (Qwen2-VL), several images per row (Idefics3, LLaVA-NeXT), Gemma 3."""
+    from projlens_mi.model import Inputs
+    from tiny_families import FAMILIES
+    f = FAMILIES[name]()
+    handle = load(f.model)
+    kw = dict(f.inputs)
+    ids, pv = kw.pop("input_ids"), kw.pop("pixel_values")
+    inputs = Inputs(ids, kw.pop("attention_mask", torch.ones_like(ids)), handle.image_mask(ids), pv, extra=kw)
+    cells = {"proj": [(Site("projector.out", ImageWindow(0, 2)), Ablate("zero"))],
+             "proj-row1": [(Site("projector.out"), Steer(torch.ones(f.model.config.get_text_config().hidden_size), 1.0), [1])],
+             "l1": [(Site("llm.1.resid_pre", LastToken()), Ablate("zero"))],
+             "none": []}
+    df = sweep(handle, inputs, cells, metric, batch_size=3, progress=False)
+    for key, edits in cells.items():
+        got = torch.tensor(df[df.cell == key].value.to_numpy(), dtype=torch.float32)
+        assert torch.equal(got, run_cell(handle, inputs, edits, metric)), key
+    assert not torch.equal(torch.tensor(df[df.cell == "proj"].value.to_numpy()),
+                           torch.tensor(df[df.cell == "none"].value.to_numpy()))

@@ -77,11 +77,22 @@ class Inputs:
                       torch.cat([left(p.image_mask, False) for p in parts]), pixels, extra)
 
     def rows(self, index: list[int] | Tensor) -> "Inputs":
-        """A sub-batch (one image per row, as in LLaVA-style models)."""
+        """A sub-batch (rows may repeat). Per-image tensors with ``m`` entries per row (crops,
+        patches of equal-size images) are cut in blocks of ``m``."""
         index = torch.as_tensor(index, dtype=torch.long)
-        if self.pixel_values is not None and self.pixel_values.shape[0] != len(self):
-            raise ProjLensError("Inputs.rows needs one image per row; this batch's images are not row-aligned")
-        pick = lambda t: t[index.to(t.device)] if isinstance(t, Tensor) and t.shape[:1] == (len(self),) else t  # noqa: E731
+        n = len(self)
+
+        def pick(t):
+            if not isinstance(t, Tensor) or t.ndim == 0:
+                return t
+            m, rest = divmod(t.shape[0], n)
+            if rest or m == 0:
+                raise ProjLensError(f"Inputs.rows: a tensor with {t.shape[0]} entries does not split over {n} rows; "
+                                    "use images of one size")
+            if m == 1:
+                return t[index.to(t.device)]
+            blocks = (index[:, None] * m + torch.arange(m)).view(-1)
+            return t[blocks.to(t.device)]
         return replace(self, **{f.name: pick(getattr(self, f.name)) for f in fields(self) if f.name != "extra"},
                        extra={k: pick(v) for k, v in self.extra.items()})
 
