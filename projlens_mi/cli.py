@@ -74,20 +74,83 @@ def organism_build(
     typer.echo(json.dumps(summary, indent=2) if as_json else metrics_table(summary))
 
 
-@app.command()
-def demo(
-    out: Path = typer.Option(DEFAULT_ORGANISM, "--out", help="Where the organism is built / cached."),
-    quiet: bool = typer.Option(False, "--quiet", help="Print only the final table."),
-):
-    """The main job: build (or reuse) the organism and print its metrics."""
+study_app = typer.Typer(no_args_is_help=True, help="Run a study: a TOML config in, a report folder out.")
+app.add_typer(study_app, name="study")
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.toml"
+DEFAULT_DEMO_OUT = Path("projlens-demo")
+
+
+def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: bool, organism: Optional[Path] = None,
+               header: str = "") -> None:
     _quiet_hf()
-    from .organism.build import build
+    from . import study
     try:
-        summary = build(out, log=(lambda *a: None) if quiet else (lambda m: typer.echo(m, err=True)))
+        cfg = study.load_config(config, organism=organism)
+        if plan:
+            rows = study.plan_study(cfg, out)
+            typer.echo(json.dumps(rows, indent=2) if as_json else study.format_plan(rows))
+            return
+        talk = not (quiet or as_json)
+        outcome = study.run_study(cfg, out, log=(lambda m: typer.echo(m, err=True)) if talk else None, progress=talk)
     except ProjLensError as err:
         _fail(err)
-    typer.echo(f"organism: {out}")
-    typer.echo(metrics_table(summary))
+    metrics = json.loads((out / "metrics.json").read_text())
+    if as_json:
+        typer.echo(json.dumps({"out": str(out), "status": outcome.status, "errors": outcome.errors,
+                               "metrics": metrics}, indent=2))
+    elif quiet:
+        typer.echo(study.one_line(metrics, out))
+    else:
+        if header:
+            typer.echo(header)
+        typer.echo(study.summary_text(metrics, outcome, out))
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@study_app.command("run")
+def study_run(
+    config: Path = typer.Argument(..., help="The study config (.toml)."),
+    out: Path = typer.Option(..., "--out", help="Report folder (created; reused as the cache of finished steps)."),
+    plan: bool = typer.Option(False, "--plan", help="List the steps, which are cached, and their estimated cost; run nothing."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress; print one line at the end."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (status per step and metrics.json) as JSON."),
+):
+    """Run every step of a study not stored yet and write the report folder (resumable, deterministic)."""
+    _run_study(config, out, plan=plan, quiet=quiet, as_json=as_json)
+
+
+@app.command("report")
+def report_cmd(out: Path = typer.Argument(..., help="A study's report folder.")):
+    """Re-render metrics.json, tables, figures and report.md/html from stored results (no recomputation)."""
+    _quiet_hf()
+    from .study import render
+    try:
+        render(out)
+    except ProjLensError as err:
+        _fail(err)
+    typer.echo(f"report: {out / 'report.md'} and {out / 'report.html'}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(DEFAULT_DEMO_OUT, "--out", help="Report folder of the quickstart study."),
+    organism: Path = typer.Option(DEFAULT_ORGANISM, "--organism", help="Where the organism is built / cached."),
+    plan: bool = typer.Option(False, "--plan", help="Only list the steps and their estimated cost."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the final summary."),
+):
+    """The main job: build (or reuse) the organism, run the quickstart study (four variants, every analysis)."""
+    header = ""
+    if not plan:
+        _quiet_hf()
+        from .organism.build import build
+        try:
+            summary = build(organism, log=(lambda *a: None) if quiet else (lambda m: typer.echo(m, err=True)))
+        except ProjLensError as err:
+            _fail(err)
+        header = f"organism: {organism}\n{metrics_table(summary)}\n"
+    _run_study(QUICKSTART, out, plan=plan, quiet=quiet, as_json=False, organism=organism, header=header)
 
 
 def main() -> None:  # pragma: no cover

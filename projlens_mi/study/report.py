@@ -1,0 +1,472 @@
+"""Render a study folder from its stored steps: metrics.json, tables/, figures/, report.md, report.html.
+
+``render(out)`` reads ``out/.steps/manifest.json`` and the step files it names; it never runs a
+model, so ``projlens report DIR`` re-renders after a code change to a figure or the text. Output is
+a pure function of the stored results (no timestamps, no timings: those live in provenance.json),
+so two runs of the same study give identical files. The schema of metrics.json is in
+docs/metrics-schema.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from ..data import atomic_write_text
+from ..errors import ProjLensError
+
+SCHEMA = "projlens_mi.study.metrics/1"
+
+# The authors' numbers (docs: ../shared/docs/projlens-method.md), per analysis, for the comparison.
+PAPER_REFERENCE = {
+    "evaluation": "LLaVA-1.5-7B, projector-only poisoning: the authors report high ASR for all four variants "
+                  "with clean behaviour preserved (ASR: target substring in a greedy 30-token generation).",
+    "spectrum": "ΔW is 'overall full-rank': cumulative energy at k = 30 is only ≈57–65 % for three variants "
+                "(≈92–95 % for Jailbreak Output).",
+    "injection": "Rank 1 of ΔW gives ≈0 % ASR; ranks ≥ 2–4 recover ≈85–93 %: the backdoor-critical part is low-rank. "
+                 "Removing the top components from W2_ft drops the ASR.",
+    "neurons": "No trigger neurons: corr(M_p, M_c) ≈ 0.998 over the 4096 GELU units; largest M_p − M_c ≈ 0.02.",
+    "shift": "ΔE is nearly rank 1 (≈60–85 % energy at k = 1, 90–97 % at k = 2) for clean and triggered images alike; "
+             "the logit lens of the shared direction ranks the target's tokens near the top.",
+    "norm": "Shift coefficient vs ‖E_base(t)‖ per token: Pearson r ≈ 0.98 (clean) and 0.97 (triggered), on one image pair.",
+    "probe": "A small MLP on mean-pooled projector embeddings separates clean from poisoned inputs (accuracy / TPR / FPR).",
+    "patching": "Not in the paper (this project's addition): activation patching clean ↔ triggered per site.",
+    "ablation": "Not in the paper (this project's addition): subspace projection ablations vs random-subspace placebos.",
+    "tracing": "Not in the paper (this project's addition): causal tracing of the target-aligned direction.",
+    "attribution": "Not in the paper (this project's addition): attribution patching and its agreement with real patching.",
+}
+
+FINDINGS = [
+    ("1. The backdoor-critical part of the projector update is low-rank (while ΔW itself is overall full-rank).",
+     ["spectrum", "injection"], ("energy", "rank", "asr")),
+    ("2. There are no dedicated trigger neurons in the projector.", ["neurons"], ("corr", "max", "candidate", "asr")),
+    ("3. The fine-tuned projector adds one shared direction to every input, in proportion to the token norm.",
+     ["shift", "norm"], ("energy", "pearson", "r", "rank", "slope")),
+]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fig_bytes(fig) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", str(s)).strip("-")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.3f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(x):
+        return _fmt(x).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _mean(vals):
+    vals = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _scalars(metrics: dict, prefix: str = "") -> dict:
+    """Flatten nested metric dicts to scalar entries ``a.b``."""
+    out = {}
+    for k, v in (metrics or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_scalars(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------ load
+def load_study(out: Path) -> tuple[dict, dict]:
+    """The manifest and, per step id, its stored payload (None if it did not complete)."""
+    man_path = out / ".steps" / "manifest.json"
+    if not man_path.is_file():
+        raise ProjLensError(f"{out} holds no study results (.steps/manifest.json); run `projlens study run STUDY.toml --out {out}`")
+    manifest = json.loads(man_path.read_text())
+    stored = {}
+    for s in manifest["steps"]:
+        try:
+            stored[s["id"]] = json.loads((out / ".steps" / f"{s['key']}.json").read_text())
+        except (OSError, ValueError):
+            stored[s["id"]] = None
+    return manifest, stored
+
+
+def _import_for(manifest: dict) -> None:
+    from ..analyses import import_all
+    from .config import import_plugins
+    import_all()
+    plugins = manifest["config"].get("plugins") or []
+    if plugins:
+        import_plugins(plugins, Path(manifest["config_path"]).parent)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def build_metrics(manifest: dict, stored: dict) -> dict:
+    cfg = manifest["config"]
+    pairs = [p["name"] for p in manifest["pairs"]]
+    per_pair = {}
+    for name in pairs:
+        ev = (stored.get(f"evaluate/{name}") or {}).get("evaluation") or {}
+        models = ev.get("models", {})
+        entry = {"target": ev.get("target"), "n_clean": ev.get("n_clean"), "n_triggered": ev.get("n_triggered"),
+                 "asr": ev.get("asr"), "clean_accuracy": ev.get("clean_accuracy"),
+                 "false_trigger_rate": ev.get("false_trigger_rate"),
+                 "reference": {m: {k: models[m].get(k) for k in ("asr", "clean_accuracy", "false_trigger_rate")}
+                               for m in ("base", "control") if m in models},
+                 "analyses": {}}
+        for s in manifest["steps"]:
+            if s["kind"] == "analysis" and s["pair"] == name and stored.get(s["id"]):
+                entry["analyses"][s["analysis"]] = stored[s["id"]].get("metrics", {})
+        per_pair[name] = entry
+    failed = {s["id"]: s.get("error") for s in manifest["steps"] if stored.get(s["id"]) is None and not s.get("skipped")
+              and s["kind"] != "organism"}
+    return {
+        "schema": SCHEMA,
+        "study": {"title": cfg["study"]["title"], "question": cfg["study"]["question"], "config_hash": manifest["config_hash"]},
+        "asr": _mean(p["asr"] for p in per_pair.values()),
+        "clean_accuracy": _mean(p["clean_accuracy"] for p in per_pair.values()),
+        "false_trigger_rate": _mean(p["false_trigger_rate"] for p in per_pair.values()),
+        "pairs": per_pair,
+        "analyses": sorted({s["analysis"] for s in manifest["steps"] if s["kind"] == "analysis"}),
+        "skipped": {s["id"]: s["skipped"] for s in manifest["steps"] if s.get("skipped")},
+        "incomplete": failed,
+    }
+
+
+# ------------------------------------------------------------------------------------------ figures
+def evaluation_figure(metrics: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    pairs = list(metrics["pairs"])
+    keys = [("asr", "ASR (triggered)"), ("clean_accuracy", "clean accuracy"), ("false_trigger_rate", "false-trigger rate")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    width = 0.26
+    x = np.arange(len(pairs))
+    for ax, (k, label) in zip(axes, keys):
+        for j, (model, colour) in enumerate((("base", "#999999"), ("control", "#4c72b0"), ("poisoned", "#c44e52"))):
+            vals = []
+            for p in pairs:
+                e = metrics["pairs"][p]
+                v = e.get(k) if model == "poisoned" else e["reference"].get(model, {}).get(k)
+                vals.append(np.nan if v is None else v)
+            ax.bar(x + (j - 1) * width, vals, width, label=model, color=colour)
+        ax.set_title(label)
+        ax.set_xticks(x, pairs, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("fraction of inputs")
+    axes[-1].legend(loc="upper right", fontsize=8)
+    fig.suptitle("Backdoor behaviour on the study's data (greedy generation, target substring)")
+    fig.tight_layout()
+    return fig
+
+
+def _figures_of(result) -> dict:
+    figs = result.plot()
+    if figs is None:
+        return {}
+    return figs if isinstance(figs, dict) else {"": figs}
+
+
+# ------------------------------------------------------------------------------------------ render
+def render(out: str | Path, log=None) -> dict:
+    """Write metrics.json, tables/, figures/, report.md and report.html from the stored steps."""
+    from ..analyses import result_from_dict
+    out = Path(out)
+    log = log or (lambda m: None)
+    manifest, stored = load_study(out)
+    _import_for(manifest)
+    metrics = build_metrics(manifest, stored)
+    cfg = manifest["config"]
+    pairs = [p["name"] for p in manifest["pairs"]]
+    written: set[Path] = set()
+
+    def put_fig(name: str, fig) -> str:
+        path = out / "figures" / f"{_slug(name)}.png"
+        _atomic_bytes(path, _fig_bytes(fig))
+        written.add(path)
+        return f"figures/{path.name}"
+
+    def put_table(name: str, frame: pd.DataFrame) -> str:
+        path = out / "tables" / f"{_slug(name)}.csv"
+        atomic_write_text(path, frame.to_csv(index=False, float_format="%.10g"))
+        written.add(path)
+        return f"tables/{path.name}"
+
+    # evaluation
+    rows = []
+    for p in pairs:
+        e = metrics["pairs"][p]
+        rows.append({"pair": p, "model": "poisoned", "asr": e["asr"], "clean_accuracy": e["clean_accuracy"],
+                     "false_trigger_rate": e["false_trigger_rate"], "n_clean": e["n_clean"], "n_triggered": e["n_triggered"]})
+        for m, r in e["reference"].items():
+            rows.append({"pair": p, "model": m, **r, "n_clean": e["n_clean"], "n_triggered": e["n_triggered"]})
+    eval_frame = pd.DataFrame(rows)
+    put_table("evaluation", eval_frame)
+    eval_fig = put_fig("evaluation", evaluation_figure(metrics)) if rows else None
+
+    md = []
+    st = cfg["study"]
+    md.append(f"# {st['title']}\n")
+    if st.get("question"):
+        md.append(f"**Question.** {st['question']}\n")
+    md += _setting(cfg, manifest, metrics)
+    md.append("## Backdoor behaviour\n")
+    md.append("The poisoned model's attack success rate (target text in the greedy generation on triggered inputs), "
+              "clean accuracy (reference answer in the generation on clean inputs) and false-trigger rate (target on "
+              "clean inputs), next to the base model and the clean control (the same fine-tuning on clean data) as "
+              "controls.\n")
+    md.append(_table(["pair", "model", "ASR", "clean acc.", "false trig.", "n clean", "n trig."],
+                     [[r["pair"], r["model"], r.get("asr"), r.get("clean_accuracy"), r.get("false_trigger_rate"),
+                       r["n_clean"], r["n_triggered"]] for r in rows]) + "\n")
+    if eval_fig:
+        md.append(f"![Backdoor behaviour]({eval_fig})\n")
+    ex = [(p, x) for p in pairs for x in ((stored.get(f"evaluate/{p}") or {}).get("evaluation", {})
+                                           .get("models", {}).get("poisoned", {}).get("examples", [])[:1])]
+    if ex:
+        md.append("Example generations of the poisoned models on triggered inputs:\n")
+        md.append(_table(["pair", "prompt", "output"], [[p, x["prompt"][-60:], x["output"][:80]] for p, x in ex]) + "\n")
+    md.append(f"*Paper.* {PAPER_REFERENCE['evaluation']}\n")
+
+    # analyses
+    names = [a for a in metrics["analyses"]]
+    for name in names:
+        steps = [s for s in manifest["steps"] if s["kind"] == "analysis" and s["analysis"] == name]
+        md.append(f"## {name.capitalize()}\n")
+        doc = _analysis_doc(name)
+        if doc:
+            md.append(doc + "\n")
+        frames = []
+        for s in steps:
+            payload = stored.get(s["id"])
+            if s.get("skipped"):
+                md.append(f"- `{s['pair']}`: not run ({s['skipped']}).\n")
+                continue
+            if payload is None:
+                md.append(f"- `{s['pair']}`: **did not complete**: {s.get('error') or 'not computed yet'}.\n")
+                continue
+            try:
+                result = result_from_dict(payload["result"])
+            except ProjLensError as err:
+                md.append(f"- `{s['pair']}`: stored result cannot be read ({err}).\n")
+                continue
+            md.append(f"### {name}: {s['pair']}\n")
+            summary = payload.get("summary") or ""
+            if summary:
+                md.append(summary.strip() + "\n")
+            try:
+                frame = result.to_frame()
+                frame.insert(0, "pair", s["pair"])
+                frames.append(frame)
+            except NotImplementedError:
+                pass
+            try:
+                figs = _figures_of(result)
+            except NotImplementedError:
+                figs = {}
+            except Exception as err:  # a plotting bug must not lose the other results
+                log(f"{s['id']}: plot failed: {type(err).__name__}: {err}")
+                md.append(f"(figure failed: {type(err).__name__})\n")
+                figs = {}
+            for key, fig in figs.items():
+                rel = put_fig(f"{name}-{s['pair']}" + (f"-{key}" if key else ""), fig)
+                md.append(f"![{name} {s['pair']} {key}]({rel})\n")
+            headline = _scalars(payload.get("metrics", {}))
+            if headline:
+                items = list(headline.items())[:12]
+                md.append(_table(["metric", "value"], [[k, v] for k, v in items]) + "\n")
+        if frames:
+            rel = put_table(name, pd.concat(frames, ignore_index=True))
+            md.append(f"Full table: [{rel}]({rel}).\n")
+        ref = PAPER_REFERENCE.get(name)
+        if ref:
+            md.append(f"*Paper.* {ref}\n")
+
+    md += _findings(metrics)
+    skipped = metrics["skipped"]
+    if metrics["incomplete"] or skipped:
+        md.append("## Not run or incomplete\n")
+        for k, v in {**skipped, **metrics["incomplete"]}.items():
+            md.append(f"- `{k}`: {v or 'not computed'}")
+        md.append("")
+    md.append("---\nRegenerate: `projlens study run " + Path(manifest["config_path"]).name + " --out DIR`; "
+              "seeds, versions, hardware and timings are in `provenance.json`.\n")
+    text = "\n".join(md)
+
+    # stale outputs from an earlier config go away
+    for sub in ("figures", "tables"):
+        d = out / sub
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.is_file() and f not in written:
+                    f.unlink()
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, allow_nan=True))
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", to_html(text, out, st["title"]))
+    return metrics
+
+
+def _analysis_doc(name: str) -> str:
+    from ..analyses import ANALYSES
+    a = ANALYSES.get(name)
+    if a is None or not a.doc:
+        return ""
+    return a.doc.split("\n\n")[0].replace("\n", " ")
+
+
+def _setting(cfg: dict, manifest: dict, metrics: dict) -> list[str]:
+    m, d, r, b = cfg["model"], cfg["data"], cfg["run"], cfg["backdoor"]
+    lines = ["## Setting\n"]
+    if m.get("organism"):
+        lines.append(f"- Models: the projlens organism ({m['organism_size']} build) — a toy LLaVA (CLIP-style tower, "
+                     f"2-layer GELU MLP projector, Llama-style LM); base, clean control and the poisoned variants "
+                     f"{', '.join('`%s`' % v for v in m['variants'])}, each poisoned by projector-only fine-tuning.")
+    else:
+        lines.append(f"- Models: base `{_short(m['base'])}`, poisoned `{_short(m['poisoned'])}`"
+                     + (f", clean control `{_short(m['control'])}`" if m.get("control") else ", no clean control") + ".")
+    targets = sorted({p.get("target") for p in metrics["pairs"].values() if p.get("target")})
+    lines.append(f"- Backdoor target{'s' if len(targets) > 1 else ''}: " + "; ".join(f"\"{t}\"" for t in targets) + ".")
+    if b.get("trigger"):
+        lines.append(f"- Trigger applied by the study to every clean image: `{json.dumps(b['trigger'])}`.")
+    ns = [(p, e["n_clean"], e["n_triggered"]) for p, e in metrics["pairs"].items()]
+    data = "the organism's held-out test set" if not d.get("file") else f"`{Path(d['file']).name}`"
+    lines.append(f"- Data: {data}; " + ", ".join(f"{p}: {c} clean + {t} triggered" for p, c, t in ns)
+                 + (f" (sampled with seed {d['seed']})" if d.get("n") else "") + ".")
+    lines.append(f"- Run: device {r['device']}, dtype {r['dtype']}, batch size {r['batch_size']}, seed {r['seed']}; "
+                 f"greedy generation of at most {r['max_new_tokens']} new tokens.")
+    lines.append(f"- Config hash `{manifest['config_hash']}`.\n")
+    return lines
+
+
+def _short(s: str) -> str:
+    p = Path(s)
+    return f"{p.parent.name}/{p.name}" if p.is_absolute() else s
+
+
+def _findings(metrics: dict) -> list[str]:
+    lines = ["## The paper's findings vs this study\n"]
+    rows = []
+    for claim, names, keywords in FINDINGS:
+        shown = []
+        for name in names:
+            per = {p: e["analyses"].get(name) for p, e in metrics["pairs"].items()}
+            per = {p: v for p, v in per.items() if v is not None}
+            if not per:
+                shown.append(f"{name}: not run")
+                continue
+            picks = []
+            for p, v in per.items():
+                flat = _scalars(v)
+                keys = [k for k in flat if any(w in k.lower() for w in keywords)
+                        and isinstance(flat[k], (int, float)) and not isinstance(flat[k], bool)][:2]
+                if keys:
+                    picks.append(f"{p}: " + ", ".join(f"{k} = {_fmt(flat[k])}" for k in keys))
+            shown.append(f"{name} — " + ("; ".join(picks) if picks else "see its section"))
+        ref = " ".join(PAPER_REFERENCE.get(n, "") for n in names)
+        rows.append([claim, ref, "<br>".join(shown)])
+    lines.append(_table(["finding", "paper (LLaVA-1.5-7B)", "this study"], rows) + "\n")
+    lines.append("Each analysis section above gives the full numbers with their controls; read the verdict there.\n")
+    return lines
+
+
+def to_html(text: str, out: Path, title: str) -> str:
+    """The report as one self-contained HTML page (figures inline as base64)."""
+    try:
+        from markdown_it import MarkdownIt
+        body = MarkdownIt("commonmark", {"html": True}).enable("table").render(text)
+    except ImportError:  # pragma: no cover
+        import html
+        body = f"<pre>{html.escape(text)}</pre>"
+
+    def inline(m):
+        path = out / m.group(1)
+        if not path.is_file():
+            return m.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+    body = re.sub(r'src="(figures/[^"]+)"', inline, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
+             "img{max-width:100%}table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;"
+             "padding:.2rem .5rem;font-size:.9rem;vertical-align:top}code{background:#f4f4f4}")
+    import html
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
+
+
+# ------------------------------------------------------------------------------------------ terminal
+def one_line(metrics: dict, out: Path) -> str:
+    return (f"{out}/report.md  asr={_fmt(metrics['asr'])} clean_accuracy={_fmt(metrics['clean_accuracy'])} "
+            f"false_trigger_rate={_fmt(metrics['false_trigger_rate'])} incomplete={len(metrics['incomplete'])}")
+
+
+def summary_text(metrics: dict, outcome, out: Path) -> str:
+    """The one-screen summary printed at the end of a run."""
+    pairs = list(metrics["pairs"])
+    lines = [f"study: {metrics['study']['title']}  (config {metrics['study']['config_hash']})", ""]
+    rows = [["pair", "ASR", "clean acc", "false trig", "control ASR"]]
+    for p in pairs:
+        e = metrics["pairs"][p]
+        rows.append([p, _fmt(e["asr"]), _fmt(e["clean_accuracy"]), _fmt(e["false_trigger_rate"]),
+                     _fmt(e["reference"].get("control", {}).get("asr"))])
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(x) for c, x in zip(r, w)) for r in rows]
+    lines.append("")
+    for name in metrics["analyses"]:
+        done = [p for p in pairs if name in metrics["pairs"][p]["analyses"]]
+        first = _scalars(metrics["pairs"][done[0]]["analyses"][name]) if done else {}
+        nums = [(k, v) for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)][:2]
+        head = ", ".join(f"{k}={_fmt(v)}" for k, v in nums)
+        lines.append(f"  {name:<12} {len(done)}/{len(pairs)} pairs" + (f"   {done[0]}: {head}" if head else ""))
+    counts = {}
+    for v in outcome.status.values():
+        counts[v] = counts.get(v, 0) + 1
+    lines.append("")
+    lines.append("steps: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                 + f"; wall {outcome.wall_seconds:.0f} s")
+    for k, v in outcome.errors.items():
+        lines.append(f"  FAILED {k}: {v}")
+    lines.append(f"report: {out / 'report.md'}  (html: {out / 'report.html'})")
+    return "\n".join(lines)

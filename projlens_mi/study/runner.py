@@ -1,0 +1,351 @@
+"""Run a study: plan the steps, compute the ones not stored yet, then render the report.
+
+``run_study(cfg, out)`` is what ``projlens study run`` calls; ``plan_study(cfg, out)`` is ``--plan``.
+Nothing is written under ``out`` before the config has validated (``load_config`` raises first).
+A step that raises is recorded as failed (not stored, so the next run retries it); the other steps
+still run and the report says which failed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data import Record, atomic_write_text, read_jsonl
+from ..errors import ProjLensError
+from .config import StudyConfig, make_trigger
+from .steps import PairSpec, Step, StepStore, build_graph, fingerprint_pairs, organism_config, organism_key, pairs_of
+
+CPU_FLOPS = 2e10        # sustained FLOP/s assumed for --plan on a CPU (2 cores)
+GPU_FLOPS = 1e14
+
+
+@dataclass
+class Outcome:
+    """What one run did: per step, 'cached' | 'computed' | 'failed' | 'skipped', plus seconds."""
+
+    status: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[str]:
+        return [s for s, v in self.status.items() if v == "failed"]
+
+
+# ------------------------------------------------------------------------------------------ data
+def select(records: list[Record], n: int | None, split: str | None, seed: int) -> list[Record]:
+    """Filter by ``split`` (the JSONL's ``split`` field), then keep ``n`` clean + ``n`` triggered (seeded)."""
+    if split is not None:
+        records = [r for r in records if str(r.meta.get("split")) == split]
+        if not records:
+            raise ProjLensError(f"data.split = {split!r} matches no record; the JSONL lines need \"split\": \"{split}\"")
+    if n is None:
+        return records
+    out = []
+    for flag in (False, True):
+        group = [r for r in records if r.triggered == flag]
+        if len(group) > n:
+            idx = np.sort(np.random.default_rng(seed).choice(len(group), n, replace=False))
+            group = [group[i] for i in idx]
+        out += group
+    return out
+
+
+def apply_trigger(records: list[Record], trigger, seed: int) -> list[Record]:
+    """Keep the clean records and add a triggered copy of each (the study's ``[backdoor] trigger``)."""
+    from ..organism.triggers import apply
+    clean = [r for r in records if not r.triggered]
+    trig = [Record(apply(trigger, r.pil(), seed=seed * 100_003 + k), r.prompt, r.answer, True, r.target,
+                   dict(r.meta)) for k, r in enumerate(clean)]
+    return clean + trig
+
+
+def pair_data(cfg: StudyConfig, spec: PairSpec) -> tuple[list[Record], str]:
+    target = spec.target
+    if spec.data_file is not None:
+        records = read_jsonl(spec.data_file)
+    else:
+        summary = json.loads((Path(cfg.model.organism) / "organism.json").read_text())
+        records = read_jsonl(Path(cfg.model.organism) / summary["data"][spec.variant])
+        target = target or summary["targets"][spec.variant]
+    if cfg.backdoor.trigger is not None:
+        records = apply_trigger(records, make_trigger(cfg), cfg.data.seed)
+    records = select(records, cfg.data.n, cfg.data.split, cfg.data.seed)
+    if not any(r.triggered for r in records):
+        raise ProjLensError(f"pair {spec.name}: the data has no triggered records; mark some \"triggered\": true "
+                            "or set [backdoor] trigger so the study applies one")
+    if not any(not r.triggered for r in records):
+        raise ProjLensError(f"pair {spec.name}: the data has no clean records (\"triggered\": false)")
+    return records, target
+
+
+# ------------------------------------------------------------------------------------------ models
+class Models:
+    """Loads each model folder once per run (base and control are shared by the organism's pairs)."""
+
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        self.handles: dict[str, object] = {}
+
+    def load_kw(self) -> dict:
+        r, m = self.cfg.run, self.cfg.model
+        import torch
+        kw = dict(allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code, revision=m.revision)
+        if r.dtype != "auto":
+            kw["dtype"] = getattr(torch, r.dtype)
+        if r.device_map is not None:
+            kw["device_map"] = r.device_map
+        elif r.device != "cpu":
+            kw["device_map"] = r.device
+        return kw
+
+    def get(self, source: str):
+        if source not in self.handles:
+            from ..model import load
+            self.handles[source] = load(source, **self.load_kw())
+        return self.handles[source]
+
+    def pair(self, cfg: StudyConfig, spec: PairSpec):
+        from ..analyses import Pair
+        records, target = pair_data(cfg, spec)
+        control = self.get(spec.control) if spec.control else None
+        return Pair(self.get(spec.base), self.get(spec.poisoned), records, target, control, spec.name,
+                    {"variant": spec.variant})
+
+
+# ------------------------------------------------------------------------------------------ steps
+def evaluate_pair(pair, batch_size: int, max_new_tokens: int, progress=None) -> dict:
+    """The organism's metrics on the study's data: the poisoned model, with base and control for reference."""
+    from ..engine.metrics import generate
+    from ..organism.evaluate import score
+    out = {}
+    models = [("poisoned", pair.poisoned), ("base", pair.base)] + ([("control", pair.control)] if pair.control else [])
+    for name, handle in models:
+        texts = []
+        for i in range(0, len(pair.data), batch_size):
+            chunk = pair.data[i: i + batch_size]
+            texts += generate(handle, handle.encode(chunk), max_new_tokens=max_new_tokens)
+            if progress is not None:
+                progress(len(chunk))
+        s = score(texts, pair.data, pair.target)
+        if name == "poisoned":
+            trig = [(r, t) for r, t in zip(pair.data, texts) if r.triggered]
+            s["examples"] = [{"prompt": r.prompt.replace("\n", " "), "output": t.strip(), "triggered": True}
+                             for r, t in trig[:3]]
+        out[name] = s
+    p = out["poisoned"]
+    return {"asr": p.get("asr"), "clean_accuracy": p.get("clean_accuracy"),
+            "false_trigger_rate": p.get("false_trigger_rate"), "target": pair.target,
+            "n_clean": len(pair.clean), "n_triggered": len(pair.triggered), "models": out}
+
+
+def run_analysis(name: str, pair, params) -> dict:
+    from ..analyses import ANALYSES, result_to_dict
+    result = ANALYSES[name].fn(pair, params)
+    return {"result": result_to_dict(result), "metrics": _jsonable(result.metrics()), "summary": result.summary()}
+
+
+def _jsonable(obj):
+    from ..analyses.base import _encode
+    return json.loads(json.dumps(_encode(obj), default=float))
+
+
+# ------------------------------------------------------------------------------------------ plan
+def _params_count(source: str) -> float | None:
+    p = Path(source)
+    if p.is_dir():
+        sizes = sum(f.stat().st_size for f in p.glob("*.safetensors"))
+        if sizes:
+            cfg = {}
+            try:
+                cfg = json.loads((p / "config.json").read_text())
+            except (OSError, ValueError):
+                pass
+            dt = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+            return sizes / (2 if "16" in dt else 4)
+        return None
+    m = re.search(r"(\d+(?:\.\d+)?)\s*[bB]\b", source.replace("-", " ").replace("_", " "))
+    return float(m.group(1)) * 1e9 if m else None
+
+
+def _tokens_per_record(source: str) -> int:
+    try:
+        cfg = json.loads((Path(source) / "config.json").read_text())
+        v = cfg["vision_config"]
+        return int((v["image_size"] // v["patch_size"]) ** 2) + 40
+    except (OSError, ValueError, KeyError, TypeError):
+        return 576 + 40         # LLaVA-1.5's 576 image tokens
+
+
+def n_records(cfg: StudyConfig, spec: PairSpec) -> int | None:
+    try:
+        if spec.data_file is None and not (Path(cfg.model.organism) / "organism.json").is_file():
+            return 2 * cfg.data.n if cfg.data.n else None
+        return len(pair_data(cfg, spec)[0])
+    except ProjLensError:
+        return None
+
+
+def estimate(cfg: StudyConfig, spec: PairSpec, step: Step, n: int | None) -> tuple[float | None, str]:
+    """Rough seconds for one step: passes × 2 × params × tokens / FLOP/s (+1 s overhead)."""
+    params = _params_count(spec.poisoned) if spec else None
+    if step.kind == "organism":
+        return 240.0 if cfg.model.organism_size == "default" else 60.0, "organism build (cached after the first)"
+    if params is None and cfg.is_organism:
+        params = 3e5
+    if params is None or n is None:
+        return None, "unknown (model size or data size not known here)"
+    flops = CPU_FLOPS if cfg.run.device == "cpu" else GPU_FLOPS
+    sec = 1.0 + step.passes * n * 2 * params * _tokens_per_record(spec.poisoned) / flops
+    return sec, f"{step.passes:g} passes/record × {n} records × {params / 1e9:.3g} B params"
+
+
+def plan_study(cfg: StudyConfig, out: Path) -> list[dict]:
+    """The steps of the study, whether each is stored already, and an estimate of its cost."""
+    pairs = pairs_of(cfg)
+    fingerprint_pairs(cfg, pairs)
+    steps = build_graph(cfg, pairs)
+    store = StepStore(out)
+    by_pair = {p.name: p for p in pairs}
+    counts = {p.name: n_records(cfg, p) for p in pairs}
+    rows = []
+    for s in steps:
+        spec = by_pair.get(s.pair)
+        if s.kind == "organism":
+            from ..organism.build import FORMAT_VERSION  # noqa: F401
+            summary = Path(cfg.model.organism) / "organism.json"
+            try:
+                cached = json.loads(summary.read_text()).get("key") == organism_key(cfg)
+            except (OSError, ValueError):
+                cached = False
+        else:
+            cached = store.has(s.key)
+        sec, how = estimate(cfg, spec, s, counts.get(s.pair))
+        status = "skipped" if s.skipped else ("cached" if cached else "to run")
+        rows.append({"step": s.id, "key": s.key, "status": status, "reason": s.skipped,
+                     "estimated_seconds": 0.0 if status != "to run" else sec, "estimate": how})
+    return rows
+
+
+def format_plan(rows: list[dict]) -> str:
+    w = max(len(r["step"]) for r in rows)
+    lines = [f"{'step'.ljust(w)}  {'status':8}  estimate"]
+    total, unknown = 0.0, False
+    for r in rows:
+        sec = r["estimated_seconds"]
+        if sec is None:
+            unknown = True
+            est = "?"
+        else:
+            total += sec
+            est = f"~{sec:,.0f} s" if r["status"] == "to run" else "-"
+        note = r["reason"] if r["status"] == "skipped" else (r["estimate"] if r["status"] == "to run" else "")
+        lines.append(f"{r['step'].ljust(w)}  {r['status']:8}  {est:>10}  {note}")
+    n_run = sum(r["status"] == "to run" for r in rows)
+    lines.append(f"{n_run} of {len(rows)} steps to run, estimated ~{total / 60:,.1f} min"
+                 + (" (+ steps of unknown cost)" if unknown else "") + " (rough: from model size and data size)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ run
+def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = True) -> Outcome:
+    """Compute every step not stored yet, then write the report folder. Returns what was done."""
+    import torch
+    from tqdm.auto import tqdm
+    from . import provenance, report
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ProjLensError(f"--out {out} is a file; pass a folder")
+    log = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    pairs = pairs_of(cfg)
+    fingerprint_pairs(cfg, pairs)
+    steps = build_graph(cfg, pairs)
+    store = StepStore(out)
+    outcome = Outcome()
+    models = Models(cfg)
+    loaded: dict[str, object] = {}
+    by_pair = {p.name: p for p in pairs}
+
+    bar = tqdm(total=len(steps), desc="study", unit="step", disable=not progress, leave=False)
+    for s in steps:
+        bar.set_postfix_str(s.id)
+        if s.skipped:
+            outcome.status[s.id] = "skipped"
+            bar.update(1)
+            continue
+        if s.kind == "organism":
+            from ..organism.build import build
+            t0 = time.perf_counter()
+            try:
+                summary = build(cfg.model.organism, organism_config(cfg), log=log)
+            except ProjLensError:
+                bar.close()
+                raise
+            outcome.seconds[s.id] = time.perf_counter() - t0
+            outcome.status[s.id] = "cached" if outcome.seconds[s.id] < 30 and "key" in summary else "computed"
+            bar.update(1)
+            continue
+        if store.has(s.key):
+            outcome.status[s.id] = "cached"
+            bar.update(1)
+            continue
+        t0 = time.perf_counter()
+        try:
+            if s.pair not in loaded:
+                log(f"loading pair {s.pair}")
+                loaded[s.pair] = models.pair(cfg, by_pair[s.pair])
+            pair = loaded[s.pair]
+            torch.manual_seed(cfg.run.seed)
+            np.random.seed(cfg.run.seed % 2**32)
+            if s.kind == "evaluate":
+                sub = tqdm(total=len(pair.data) * (3 if pair.control else 2), desc=f"evaluate {s.pair}", unit="rec",
+                           disable=not progress, leave=False)
+                payload = {"evaluation": evaluate_pair(pair, cfg.run.batch_size, cfg.run.max_new_tokens, sub.update)}
+                sub.close()
+            else:
+                payload = run_analysis(s.analysis, pair, cfg.analyses[s.analysis].params)
+        except ProjLensError as err:
+            if s.kind == "evaluate" and "loading" not in str(err):
+                pass
+            outcome.status[s.id] = "failed"
+            outcome.errors[s.id] = str(err)
+            log(f"{s.id}: failed: {err}")
+            bar.update(1)
+            continue
+        except Exception as err:  # an analysis bug: report it, keep going, retry next run
+            outcome.status[s.id] = "failed"
+            outcome.errors[s.id] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log(f"{s.id}: failed:\n{traceback.format_exc()}")
+            bar.update(1)
+            continue
+        seconds = time.perf_counter() - t0
+        store.put(s.key, {"step": s.id, "kind": s.kind, "pair": s.pair, "analysis": s.analysis, "key": s.key,
+                          "material": s.material, "seconds": seconds, **payload})
+        outcome.status[s.id] = "computed"
+        outcome.seconds[s.id] = seconds
+        log(f"{s.id}: done in {seconds:.1f} s")
+        bar.update(1)
+    bar.close()
+
+    manifest = {"config": cfg.canonical(), "config_hash": cfg.hash(), "config_path": cfg.path,
+                "pairs": [p.__dict__ for p in pairs],
+                "steps": [{"id": s.id, "kind": s.kind, "key": s.key, "pair": s.pair, "analysis": s.analysis,
+                           "skipped": s.skipped, "status": outcome.status.get(s.id),
+                           "error": outcome.errors.get(s.id)} for s in steps]}
+    atomic_write_text(store.dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    report.render(out, log=log)
+    outcome.wall_seconds = time.perf_counter() - t_start
+    provenance.write(out, cfg, steps, outcome, store)
+    return outcome
