@@ -1,0 +1,339 @@
+"""Analysis 2: rank-k injection and removal of the projector update's singular components.
+
+Injection: start from the base projector and add only the top-k singular components of ΔW1 and the
+top-k of ΔW2 (ΔW = W_ft − W_ref, the reference being the base or, for ΔW' , the clean control), with
+the fine-tuned or the reference bias → ASR on triggered inputs, clean accuracy and false-trigger rate
+on clean inputs, and the target's first-token logit / probability at the last prompt position; the
+(rank ΔW1 × rank ΔW2) heatmap. Rank 0 means "that layer keeps its reference weights".
+
+Removal: subtract chosen components (``"1"`` rank 1, ``"1-5"`` the top 5, ``"2-10"`` ranks 2..10,
+``"3"`` direction 3 alone; 1-based, inclusive) of ΔW from the fine-tuned linear, each next to a
+placebo: a random rank-k update with the same singular values (so the same Frobenius norm) in
+random orthonormal directions.
+
+How it is fast and still exact: every cell is an engine ``WithWeights`` edit (the caller's model is
+never modified), cells are tiled ``[cell × input]`` into large batches (one greedy generation and one
+forward per batch), and records are bucketed by prompt length so no row is padded: each row is then
+computed exactly as when run alone (see ``benchmarks/injection_reference.py``, the slow reference
+that reloads weights per cell and runs one sample at a time; the test compares them bit for bit).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..engine import WithWeights, run, target_logit, target_prob
+from ..errors import ProjLensError
+from . import common
+from .base import Result, analysis, register_result
+
+PAPER = "rank 1 gives ≈0 % ASR; ranks ≥ 2–4 recover 85–93 %; removal of a few components drops ASR"
+
+
+@dataclass
+class InjectionParams:
+    """``ranks_1`` / ``ranks_2``: ranks of ΔW1 / ΔW2 injected (0 = keep the reference weights);
+    ``bias``: "ft" or "base" (the reference's bias) for the injected linears; ``removals``: component
+    ranges removed from ``remove_layer`` of the FT projector ("1", "1-5", "2-10", "3"); ``placebo_seeds``:
+    random placebos per removal; ``references``: "base" (ΔW) and/or "control" (ΔW' = W_ft − W_control,
+    skipped without a control); ``n``: clean and triggered records each; ``max_new_tokens``: greedy
+    generation length for ASR (the paper: 30; None = the longest reference answer plus the target, +1, capped at 30); ``batch_size``: rows per
+    pass (cells × inputs)."""
+
+    ranks_1: tuple[int, ...] = (0, 1, 2, 3, 5)
+    ranks_2: tuple[int, ...] = (0, 1, 2, 3, 5)
+    bias: str = "ft"
+    removals: tuple[str, ...] = ("1", "1-2", "1-5", "2-10")
+    remove_layer: str | None = None          # None = the last projector linear
+    placebo_seeds: int = 1
+    references: tuple[str, ...] = ("base", "control")
+    n: int | None = 40
+    max_new_tokens: int | None = None        # None: longest answer + target (+1), at most 30
+    batch_size: int = 1024
+
+
+def parse_range(spec: str, rank: int) -> tuple[int, int]:
+    """"i" or "i-j" (1-based, inclusive) -> 0-based [start, stop)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", str(spec))
+    if not m:
+        raise ProjLensError(f"removal {spec!r}: write one rank ('3') or a range ('2-10'), 1-based")
+    i, j = int(m.group(1)), int(m.group(2) or m.group(1))
+    if i < 1 or j < i:
+        raise ProjLensError(f"removal {spec!r}: ranks start at 1 and the range must not be empty")
+    if j > rank:
+        raise ProjLensError(f"removal {spec!r}: the update has only {rank} components")
+    return i - 1, j
+
+
+def injected_weights(ref: dict, ft: dict, svds: dict, ranks: dict, bias: str) -> dict:
+    """``{path: (W_ref + top-k(ΔW), b)}`` for every linear with k > 0 (float64; cast by the caller)."""
+    out = {}
+    for path, k in ranks.items():
+        if k <= 0 and bias == "base":
+            continue
+        w = ref[path][0] + (common.components(*svds[path], 0, k) if k > 0 else 0)
+        b = ft[path][1] if bias == "ft" else ref[path][1]
+        out[path] = (w, b)
+    return out
+
+
+def removed_weights(ft: dict, svds: dict, path: str, start: int, stop: int) -> dict:
+    return {path: (ft[path][0] - common.components(*svds[path], start, stop), ft[path][1])}
+
+
+def placebo_weights(ft: dict, svds: dict, path: str, start: int, stop: int, seed: int) -> dict:
+    """W_ft minus a random rank-(stop-start) matrix with the removed components' singular values."""
+    w = ft[path][0]
+    k = stop - start
+    g = torch.Generator().manual_seed(seed)
+    qu = torch.linalg.qr(torch.randn(w.shape[0], k, generator=g, dtype=torch.float64)).Q
+    qv = torch.linalg.qr(torch.randn(w.shape[1], k, generator=g, dtype=torch.float64)).Q
+    s = svds[path][1][start:stop]
+    return {path: (w - (qu * s) @ qv.T, ft[path][1])}
+
+
+def to_model(handle, w: dict) -> dict:
+    return {p: (common.as_model(W, handle), common.as_model(b, handle)) for p, (W, b) in w.items()}
+
+
+def buckets(handle, records) -> list[list[int]]:
+    """Record indices grouped by prompt length in tokens (a bucket needs no padding)."""
+    by: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
+        n = len(handle.tokenizer(r.prompt.replace("<image>", ""), add_special_tokens=False)["input_ids"])
+        by.setdefault(n, []).append(i)
+    return [by[k] for k in sorted(by)]
+
+
+def evaluate_cells(handle, records, targets, cells: list[dict], *, max_new_tokens: int, batch_size: int,
+                   triggered: np.ndarray) -> pd.DataFrame:
+    """Per cell (a ``{path: (W, b)}`` dict, ``{}`` = the model as is) and record: generation hit of the
+    record's target, hit of its answer, target-token logit and probability. One row per (cell, record)."""
+    n_cells = len(cells)
+    hit_t = np.zeros((n_cells, len(records)), bool)
+    hit_a = np.zeros((n_cells, len(records)), bool)
+    logit = np.zeros((n_cells, len(records)))
+    prob = np.zeros((n_cells, len(records)))
+    tok_ids = {t: common.first_token(handle, t) for t in set(targets)}
+    model_cells = [to_model(handle, c) for c in cells]
+    for idx in buckets(handle, records):
+        x = handle.encode([records[i] for i in idx])
+        per = max(1, batch_size // len(idx))
+        for c0 in range(0, n_cells, per):
+            cs = list(range(c0, min(n_cells, c0 + per)))
+            for r0 in range(0, len(idx), batch_size):
+                rows = list(range(r0, min(len(idx), r0 + batch_size)))
+                xb = x.rows(rows) if len(rows) < len(idx) else x
+                tiled = xb.tile(len(cs))
+                edits = common.tile_edits([[WithWeights(model_cells[c])] if model_cells[c] else [] for c in cs],
+                                          len(rows))
+                outs = common.texts(handle, tiled, max_new_tokens, edits)
+                trows = [r for r in rows if triggered[idx[r]]]
+                if trows:   # the target-token metrics are read on triggered rows only
+                    xt = x.rows(trows).tile(len(cs))
+                    tedits = common.tile_edits([[WithWeights(model_cells[c])] if model_cells[c] else [] for c in cs],
+                                               len(trows))
+                    logits = run(handle, xt, edits=tedits).logits
+                    ids = torch.tensor([tok_ids[targets[idx[r]]] for r in trows] * len(cs))
+                    lg = target_logit(logits, ids).float().cpu().numpy().reshape(len(cs), len(trows))
+                    pr = target_prob(logits, ids).float().cpu().numpy().reshape(len(cs), len(trows))
+                for j, c in enumerate(cs):
+                    for k, r in enumerate(rows):
+                        i, o = idx[r], outs[j * len(rows) + k]
+                        hit_t[c, i] = common.hits([o], [targets[i]])[0]
+                        hit_a[c, i] = common.hits([o], [records[i].answer])[0]
+                    for k, r in enumerate(trows):
+                        logit[c, idx[r]], prob[c, idx[r]] = lg[j, k], pr[j, k]
+    return pd.DataFrame({"cell": np.repeat(np.arange(n_cells), len(records)),
+                         "record": np.tile(np.arange(len(records)), n_cells),
+                         "triggered": np.tile(triggered, n_cells),
+                         "target_hit": hit_t.ravel(), "answer_hit": hit_a.ravel(),
+                         "target_logit": logit.ravel(), "target_prob": prob.ravel()})
+
+
+def summarise_cells(per: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: ASR (triggered), clean accuracy and false-trigger rate (clean), mean target logit / prob."""
+    rows = []
+    for c, g in per.groupby("cell", sort=True):
+        t, cl = g[g.triggered], g[~g.triggered]
+        rows.append({"cell": int(c), "asr": float(t.target_hit.mean()), "clean_accuracy": float(cl.answer_hit.mean()),
+                     "false_trigger_rate": float(cl.target_hit.mean()),
+                     "target_logit": float(t.target_logit.mean()), "target_prob": float(t.target_prob.mean())})
+    return pd.DataFrame(rows)
+
+
+@register_result
+@dataclass
+class InjectionResult(Result):
+    variant: str
+    cells: pd.DataFrame          # one row per cell: kind, reference, rank_1, rank_2, removal, seed + metrics
+    ranks_1: list
+    ranks_2: list
+    bias: str
+    remove_layer: str
+    n_clean: int
+    n_triggered: int
+
+    analysis = "injection"
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.cells
+
+    def heatmap(self, reference: str = "base", metric: str = "asr") -> pd.DataFrame:
+        c = self.cells[(self.cells.kind == "inject") & (self.cells.reference == reference)]
+        return c.pivot(index="rank_1", columns="rank_2", values=metric)
+
+    def _ref(self, name):
+        r = self.cells[self.cells.kind == name]
+        return r.iloc[0] if len(r) else None
+
+    def metrics(self) -> dict:
+        out = {}
+        for name in ("base_model", "ft_model"):
+            r = self._ref(name)
+            if r is not None:
+                out[f"{name}.asr"], out[f"{name}.clean_accuracy"] = float(r.asr), float(r.clean_accuracy)
+        for ref in sorted(set(self.cells[self.cells.kind == "inject"].reference)):
+            h = self.heatmap(ref)
+            for r1 in h.index:
+                for r2 in h.columns:
+                    out[f"inject.{ref}.r1_{r1}.r2_{r2}.asr"] = float(h.loc[r1, r2])
+        rem = self.cells[self.cells.kind.isin(["remove", "placebo"])]
+        for (ref, spec, kind), g in rem.groupby(["reference", "removal", "kind"]):
+            out[f"{kind}.{ref}.{spec}.asr"] = float(g.asr.mean())
+        return out
+
+    def plot(self):
+        refs = sorted(set(self.cells[self.cells.kind == "inject"].reference), key=lambda r: r != "base")
+        fig, axes = common.figure(1, len(refs) + 1, w=4.6, h=4.0)
+        for a, ref in zip(axes[0], refs):
+            h = self.heatmap(ref)
+            im = a.imshow(h.values * 100, vmin=0, vmax=100, cmap="viridis", origin="lower")
+            for i in range(h.shape[0]):
+                for j in range(h.shape[1]):
+                    v = h.values[i, j] * 100
+                    a.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
+            a.set_xticks(range(h.shape[1]), [str(c) for c in h.columns])
+            a.set_yticks(range(h.shape[0]), [str(r) for r in h.index])
+            d = "ΔW = W_ft − W_base" if ref == "base" else "ΔW' = W_ft − W_control"
+            a.set(title=f"{self.variant}: ASR (%) injecting top-k of {d}\n(bias: {self.bias})",
+                  xlabel="rank of ΔW2 injected", ylabel="rank of ΔW1 injected")
+            fig.colorbar(im, ax=a, label="ASR (%)", shrink=0.8)
+        a = axes[0][-1]
+        rem = self.cells[self.cells.kind.isin(["remove", "placebo"]) & (self.cells.reference == "base")]
+        specs = list(dict.fromkeys(rem.removal))
+        x = np.arange(len(specs))
+        real = [rem[(rem.kind == "remove") & (rem.removal == s)].asr.mean() * 100 for s in specs]
+        plc = [rem[(rem.kind == "placebo") & (rem.removal == s)].asr for s in specs]
+        a.bar(x - 0.2, real, 0.4, label="components of ΔW removed", color="C3")
+        a.bar(x + 0.2, [p.mean() * 100 for p in plc], 0.4, label="placebo: random, same σ", color="0.6",
+              yerr=[p.std(ddof=0) * 100 for p in plc])
+        ft = self._ref("ft_model")
+        if ft is not None:
+            a.axhline(ft.asr * 100, color="k", ls="--", lw=1, label="FT projector (nothing removed)")
+        a.set_xticks(x, specs)
+        a.set(title=f"Removal from {self.remove_layer} of the FT projector", xlabel="ranks removed (1-based)",
+              ylabel="ASR (%)", ylim=(0, 105))
+        a.legend(fontsize=7)
+        return fig
+
+    def summary(self) -> str:
+        ft, bm = self._ref("ft_model"), self._ref("base_model")
+        lines = [f"**Rank-k injection ({self.variant}, {self.n_triggered} triggered / {self.n_clean} clean inputs, "
+                 f"bias {self.bias}).** Paper (≈): {PAPER}."]
+        if ft is not None and bm is not None:
+            lines.append(f"- FT projector: ASR {ft.asr:.0%}, clean accuracy {ft.clean_accuracy:.0%}; base: ASR "
+                         f"{bm.asr:.0%}, clean accuracy {bm.clean_accuracy:.0%}.")
+        for ref in sorted(set(self.cells[self.cells.kind == "inject"].reference)):
+            h = self.heatmap(ref)
+            diag = [(k, h.loc[k, k]) for k in h.index if k in h.columns and k > 0]
+            if diag:
+                name = "ΔW" if ref == "base" else "ΔW'"
+                lines.append(f"- injecting rank k of both ΔW1 and ΔW2 ({name}): " +
+                             ", ".join(f"k={k}: {v:.0%}" for k, v in diag) + " ASR.")
+            if 0 in h.index:
+                lines.append("  ΔW2 alone: " + ", ".join(f"k={k}: {h.loc[0, k]:.0%}" for k in h.columns if k > 0) + ".")
+        rem = self.cells[self.cells.kind.isin(["remove", "placebo"]) & (self.cells.reference == "base")]
+        parts = []
+        for s in dict.fromkeys(rem.removal):
+            r = rem[(rem.kind == "remove") & (rem.removal == s)].asr.mean()
+            p = rem[(rem.kind == "placebo") & (rem.removal == s)].asr.mean()
+            parts.append(f"ranks {s}: {r:.0%} (placebo {p:.0%})")
+        if parts:
+            lines.append(f"- ASR after removing components of ΔW from {self.remove_layer}: " + "; ".join(parts) + ".")
+        return "\n".join(lines)
+
+
+@analysis("injection", InjectionParams)
+def injection(pair, params: InjectionParams = InjectionParams()) -> InjectionResult:
+    """Rank-k injection heatmap and component removal (with placebos), batched through WithWeights."""
+    if params.bias not in ("ft", "base"):
+        raise ProjLensError(f"bias must be 'ft' or 'base', got {params.bias!r}")
+    bad = [r for r in params.references if r not in ("base", "control")]
+    if bad:
+        raise ProjLensError(f"references must be 'base' and/or 'control', got {bad}")
+    clean, trig = common.pick(pair, params.n)
+    records = clean + trig
+    targets = [pair.target_of(r) for r in records]
+    is_trig = np.array([False] * len(clean) + [True] * len(trig))
+    ft = common.weights(pair.poisoned)
+    paths = list(ft)
+    if len(paths) < 1:
+        raise ProjLensError("the projector has no linear layers to inject")
+    remove_path = paths[-1] if params.remove_layer is None else next(
+        (p for p in paths if p == params.remove_layer or common.short(p) == params.remove_layer), None)
+    if remove_path is None:
+        raise ProjLensError(f"remove_layer {params.remove_layer!r} is not a projector linear ({', '.join(paths)})")
+    refs = {"base": (pair.base, common.weights(pair.base))}
+    if "control" in params.references and pair.control is not None:
+        refs["control"] = (pair.control, common.weights(pair.control))
+    refs = {k: v for k, v in refs.items() if k in params.references}
+    if not refs:
+        raise ProjLensError("no reference to inject into: references=('control',) needs a pair with a control")
+    l1, l2 = (paths[0], paths[-1]) if len(paths) > 1 else (None, paths[0])
+
+    meta, base_cells, ft_cells = [], [], []     # per cell: (key, handle weights); base handle / FT handle
+    for ref, (handle, w_ref) in refs.items():
+        common.check_same_shapes(w_ref, ft, "injection")
+        svds = {p: common.svd(ft[p][0] - w_ref[p][0]) for p in paths}
+        for r1 in (params.ranks_1 if l1 else (0,)):
+            for r2 in params.ranks_2:
+                ranks = {l2: r2} if l1 is None else {l1: r1, l2: r2}
+                base_cells.append(({"kind": "inject", "reference": ref, "rank_1": r1, "rank_2": r2},
+                                   injected_weights(w_ref, ft, svds, ranks, params.bias), ref))
+        full_rank = len(svds[remove_path][1])
+        for spec in params.removals:
+            a, b = parse_range(spec, full_rank)
+            ft_cells.append(({"kind": "remove", "reference": ref, "removal": spec, "k": b - a},
+                             removed_weights(ft, svds, remove_path, a, b)))
+            for s in range(params.placebo_seeds):
+                ft_cells.append(({"kind": "placebo", "reference": ref, "removal": spec, "k": b - a, "seed": s},
+                                 placebo_weights(ft, svds, remove_path, a, b, seed=1000 * s + a * 37 + b)))
+    kw = dict(max_new_tokens=params.max_new_tokens or common.auto_tokens(pair.poisoned, records, targets), batch_size=params.batch_size, triggered=is_trig)
+    frames = []
+    # injection cells run on the reference model (its LLM), grouped by reference handle
+    for ref, (handle, _) in refs.items():
+        mine = [c for c in base_cells if c[2] == ref]
+        keys = [c[0] for c in mine] + [{"kind": f"{ref}_model", "reference": ref}]
+        per = evaluate_cells(handle, records, targets, [c[1] for c in mine] + [{}], **kw)
+        frames.append(_label(summarise_cells(per), keys))
+    keys = [c[0] for c in ft_cells] + [{"kind": "ft_model", "reference": "base"}]
+    per = evaluate_cells(pair.poisoned, records, targets, [c[1] for c in ft_cells] + [{}], **kw)
+    frames.append(_label(summarise_cells(per), keys))
+    cells = pd.concat(frames, ignore_index=True)
+    for col in ("rank_1", "rank_2", "k", "seed"):
+        if col in cells:
+            cells[col] = cells[col].fillna(-1).astype(int)   # -1: not applicable to this kind of cell
+    cells = cells.drop(columns="cell")
+    return InjectionResult(pair.name, cells, list(params.ranks_1 if l1 else (0,)), list(params.ranks_2),
+                           params.bias, common.short(remove_path), len(clean), len(trig))
+
+
+def _label(summary: pd.DataFrame, keys: list[dict]) -> pd.DataFrame:
+    extra = pd.DataFrame(keys)
+    return pd.concat([extra.reset_index(drop=True), summary.reset_index(drop=True)], axis=1)
