@@ -30,10 +30,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..data import Record
-from ..engine import ImageTokens, ImageWindow, LastToken, Site, contains, generate, run
+from ..engine import ImageTokens, ImageWindow, LastToken, Site, generate, run
 from ..engine.metrics import sequence_logprob, teacher_forced
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
+from . import common
 from .base import Pair
 
 METRICS = ("prob", "logprob", "first_prob")
@@ -82,13 +83,16 @@ def target_prefixes(handle: ModelHandle, inputs: Inputs, targets: list[str], mod
     if mode == "none":
         return [""] * len(targets)
     texts = generate(handle, inputs, max_new_tokens=max_new_tokens)
-    out = []
-    for text, target in zip(texts, targets):
-        words, tw = text.split(), target.lower().split()
-        low = [w.lower() for w in words]
-        at = next((i for i in range(len(low) - len(tw) + 1) if low[i:i + len(tw)] == tw), None)
-        out.append(" ".join(words[:at]) if at is not None else "")
-    return out
+    return [prefix_before(text, target) for text, target in zip(texts, targets)]
+
+
+def prefix_before(text: str, target: str) -> str:
+    """The words of ``text`` before the first (case-insensitive, word-aligned) occurrence of
+    ``target``; ``""`` if it does not occur."""
+    words, tw = text.split(), target.lower().split()
+    low = [w.lower() for w in words]
+    at = next((i for i in range(len(low) - len(tw) + 1) if low[i:i + len(tw)] == tw), None)
+    return " ".join(words[:at]) if at is not None else ""
 
 
 @dataclass
@@ -247,13 +251,10 @@ def shift_basis(pair: Pair, records: list[Record], k: int) -> Float[Tensor, "d k
 
 def weight_delta_basis(pair: Pair, k: int) -> Float[Tensor, "d k"]:
     """Top-``k`` left singular vectors of ΔW of the projector's last linear (output-space directions)."""
-    linears = pair.poisoned.adapter.projector_linears
-    if not linears:
-        raise ProjLensError(f"{pair.poisoned.adapter.family} lists no projector_linears in its hook map; "
-                            "use the 'shift' basis instead")
-    path = linears[-1]
-    dw = (pair.poisoned.module(path).weight.detach().double() - pair.base.module(path).weight.detach().double())
-    u, _, _ = torch.linalg.svd(dw, full_matrices=False)
+    ft, base = common.weights(pair.poisoned), common.weights(pair.base)
+    common.check_same_shapes(ft, base, "ablation")
+    path = common.linear_paths(pair.poisoned)[-1]
+    u, _, _ = common.svd(ft[path][0] - base[path][0])
     return u[:, :k].contiguous().float()
 
 
@@ -287,9 +288,15 @@ def normalised(value: float, low: float, high: float, eps: float = 1e-9) -> floa
 
 def generated_rates(handle: ModelHandle, trig_recs, clean_recs, target_of, edits, max_new_tokens) -> tuple[float, float]:
     """(ASR on triggered records, clean accuracy on clean records) by greedy generation under ``edits``."""
-    xs = handle.encode(trig_recs + clean_recs)
-    texts = generate(handle, xs, max_new_tokens=max_new_tokens, edits=edits)
-    t_texts, c_texts = texts[:len(trig_recs)], texts[len(trig_recs):]
-    asr = float(np.mean([contains([t], target_of(r))[0] for t, r in zip(t_texts, trig_recs)])) if trig_recs else float("nan")
-    acc = float(np.mean([contains([t], r.answer)[0] for t, r in zip(c_texts, clean_recs)])) if clean_recs else float("nan")
+    outs = common.texts(handle, handle.encode(trig_recs + clean_recs), max_new_tokens, edits)
+    k = len(trig_recs)
+    asr = float(common.hits(outs[:k], [target_of(r) for r in trig_recs]).mean()) if trig_recs else float("nan")
+    acc = float(common.hits(outs[k:], [r.answer for r in clean_recs]).mean()) if clean_recs else float("nan")
     return asr, acc
+
+
+def figure(rows: int, cols: int, figsize: tuple[float, float]):
+    """A constrained-layout matplotlib Figure (Agg, no pyplot state) with a ``rows × cols`` axes grid."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)

@@ -29,6 +29,7 @@ from ..engine import AllTokens, ImageTokens, ProjectOut, Site, sweep
 from ..errors import ProjLensError
 from . import _causal as C
 from .base import Pair, Result, analysis, register_result
+from ._causal import figure as _figure
 
 BASES = ("dW", "shift")
 
@@ -101,13 +102,9 @@ class AblationResult(Result):
         return pd.DataFrame(rows)
 
     def plot(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         gen = bool(np.isfinite(self.asr).any())
         ncol = len(self.sites) + int(gen)
-        fig, axes = plt.subplots(2 if not gen else 2, ncol, figsize=(3.3 * ncol + 0.6, 6.2), squeeze=False,
-                                 constrained_layout=True)
+        fig, axes = _figure(2, ncol, figsize=(3.3 * ncol + 0.6, 6.2))
         colours = {"dW": "tab:red", "shift": "tab:blue", "random": "tab:grey"}
         ks = np.array(self.ks)
         for row, (arr, sd, what, base) in enumerate(
@@ -144,6 +141,8 @@ class AblationResult(Result):
                 ax.set_xlabel("subspace dimension k removed")
                 ax.set_ylabel(what)
                 ax.set_title("generation, ablated at projector.out", fontsize=9)
+                if row == 0:
+                    ax.legend(fontsize=7)
         fig.suptitle(f"Subspace projection ablation {self.variant} (n={self.n}): backdoor (top) and clean behaviour (bottom)",
                      fontsize=10)
         return fig

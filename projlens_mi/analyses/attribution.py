@@ -31,6 +31,7 @@ from ..engine import Site, run
 from ..errors import ProjLensError
 from . import _causal as C
 from .base import Pair, Result, analysis, register_result
+from ._causal import figure as _figure
 from .patching import DIRECTIONS, effects, patch_grid
 
 
@@ -93,12 +94,8 @@ class AttributionResult(Result):
         return pd.DataFrame(rows)
 
     def plot(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         nd = len(self.directions)
-        fig, axes = plt.subplots(1, nd + 1, figsize=(4.2 * nd + 4.5, 0.45 * len(self.sites) + 3), squeeze=False,
-                                 constrained_layout=True)
+        fig, axes = _figure(1, nd + 1, figsize=(4.2 * nd + 4.5, 0.45 * len(self.sites) + 3))
         ax = axes[0, 0]
         colours = {"denoise": "tab:blue", "noise": "tab:orange"}
         lo, hi = np.inf, -np.inf

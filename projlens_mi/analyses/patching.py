@@ -25,6 +25,7 @@ from ..engine import Patch, Site, sweep
 from ..errors import ProjLensError
 from . import _causal as C
 from .base import Pair, Result, analysis, register_result
+from ._causal import figure as _figure
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -80,11 +81,7 @@ class PatchingResult(Result):
         return pd.DataFrame(rows)
 
     def plot(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, len(self.directions), figsize=(4.2 * len(self.directions) + 1, 0.5 * len(self.sites) + 2.4),
-                                 squeeze=False, constrained_layout=True)
+        fig, axes = _figure(1, len(self.directions), figsize=(4.2 * len(self.directions) + 1, 0.5 * len(self.sites) + 2.4))
         label = {"denoise": "denoising: triggered act. into clean run\n(recovery, 1 = full backdoor)",
                  "noise": "noising: clean act. into triggered run\n(drop, 1 = backdoor gone)"}
         for a, d in enumerate(self.directions):

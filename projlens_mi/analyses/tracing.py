@@ -30,6 +30,7 @@ from ..engine import ImageTokens, Noise, Patch, PatchSubspace, Site, sweep
 from ..errors import ProjLensError
 from . import _causal as C
 from .base import Pair, Result, analysis, register_result
+from ._causal import figure as _figure
 
 CORRUPTIONS = ("clean", "noise")
 DIRECTIONS = ("shift", "mean_diff", "unembed")
@@ -97,12 +98,8 @@ class TracingResult(Result):
         return pd.DataFrame(rows)
 
     def plot(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         nr, nc = len(self.corruptions), len(self.modes)
-        fig, axes = plt.subplots(nr, nc, figsize=(3.9 * nc + 1, (0.45 * len(self.sites) + 2.2) * nr), squeeze=False,
-                                 constrained_layout=True)
+        fig, axes = _figure(nr, nc, figsize=(3.9 * nc + 1, (0.45 * len(self.sites) + 2.2) * nr))
         title = {"full": "restore the full state (ROME)", "direction": f"restore only the {self.direction} direction",
                  "random": "placebo: a random direction"}
         for a, cor in enumerate(self.corruptions):
