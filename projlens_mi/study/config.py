@@ -15,7 +15,8 @@ key, the bad value and what is allowed; relative paths resolve against the confi
 
 Conventions:
 - A model source that exists as a folder (after resolving) is a folder; otherwise a value shaped like
-  ``owner/name`` is a hub id; anything else is a "folder not found" error.
+  ``owner/name`` is a hub id (unless ``owner`` is a folder next to the config: then it is a mistyped
+  path); anything else is a "folder not found" error.
 - ``[model] organism = DIR`` (or ``"default"``: the shared cache ``~/.cache/projlens_mi/organism``)
   studies the organism's pairs ``base`` / ``<variant>`` (control: the organism's clean control);
   the organism is built there first if it is missing (``organism_size`` picks the build).
@@ -176,10 +177,14 @@ class StudyConfig(_Strict):
                 "plugins": self.plugins}
 
 
+NOT_RESULTS = ("progress",)   # Params fields that change how a step shows progress, never its numbers
+
+
 def params_dict(params) -> dict | None:
     if params is None:
         return None
-    return json.loads(json.dumps(dataclasses.asdict(params), default=str))
+    d = json.loads(json.dumps(dataclasses.asdict(params), default=str))
+    return {k: v for k, v in d.items() if k not in NOT_RESULTS}
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -239,7 +244,8 @@ def _resolve_model(folder: Path, value: str, key: str) -> str:
         if not (p / "config.json").is_file():
             raise ProjLensError(f"{key} = {value!r}: {p} holds no config.json; pass a Hugging Face model folder or a hub id")
         return str(p.resolve())
-    if HUB_ID.match(value) and not value.startswith("."):
+    # owner/name is a hub id unless "owner" is a folder next to the config (then it is a mistyped path)
+    if HUB_ID.match(value) and not (folder / value.split("/")[0]).is_dir():
         return value
     raise ProjLensError(f"{key} = {value!r}: folder not found ({p}) and not a hub id (owner/name); "
                         "paths are relative to the config file's folder")
@@ -290,9 +296,10 @@ def _params(name: str, cls, given: dict, run: RunSection):
         if k not in allowed:
             raise ProjLensError(f"unknown key analyses.{name}.{k}; allowed: {', '.join(allowed)}")
     kw = {k: v for k, v in given.items() if k != "enabled"}
-    # Study-wide run settings fill the Params fields of the same name unless the table sets them.
+    # Run settings the [run] table sets explicitly fill the Params fields of the same name (unless the
+    # analysis table sets them); otherwise each analysis keeps its own documented default.
     for k in ("batch_size", "seed", "max_new_tokens"):
-        if k in fields and k not in kw:
+        if k in fields and k not in kw and k in run.model_fields_set:
             kw[k] = getattr(run, k)
     try:
         from pydantic import TypeAdapter

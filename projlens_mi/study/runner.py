@@ -147,8 +147,11 @@ def evaluate_pair(pair, batch_size: int, max_new_tokens: int, progress=None) -> 
             "n_clean": len(pair.clean), "n_triggered": len(pair.triggered), "models": out}
 
 
-def run_analysis(name: str, pair, params) -> dict:
+def run_analysis(name: str, pair, params, progress: bool = True) -> dict:
+    import dataclasses
     from ..analyses import ANALYSES, result_to_dict
+    if not progress and dataclasses.is_dataclass(params) and hasattr(params, "progress"):
+        params = dataclasses.replace(params, progress=False)
     result = ANALYSES[name].fn(pair, params)
     return {"result": result_to_dict(result), "metrics": _jsonable(result.metrics()), "summary": result.summary()}
 
@@ -315,10 +318,8 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
                 payload = {"evaluation": evaluate_pair(pair, cfg.run.batch_size, cfg.run.max_new_tokens, sub.update)}
                 sub.close()
             else:
-                payload = run_analysis(s.analysis, pair, cfg.analyses[s.analysis].params)
+                payload = run_analysis(s.analysis, pair, cfg.analyses[s.analysis].params, progress)
         except ProjLensError as err:
-            if s.kind == "evaluate" and "loading" not in str(err):
-                pass
             outcome.status[s.id] = "failed"
             outcome.errors[s.id] = str(err)
             log(f"{s.id}: failed: {err}")
