@@ -115,6 +115,9 @@ class Plan:
                 raise ProjLensError("vision.out is read-only (the projector reads the tower's hidden states); "
                                     "edit projector.in instead")
             by_point.setdefault(e.site.point, ([], []))[0].append(e)
+        if grads and "vision.out" in by_point:
+            raise ProjLensError("gradients are not taken at vision.out (read-only); use projector.in, which the "
+                                "projector reads from the tower")
         for point in by_point:
             if point == "projector.hidden" and a.projector_hidden is None:
                 raise ProjLensError(f"{a.family} has no projector.hidden (its projector has no nonlinearity in "
