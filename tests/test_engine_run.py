@@ -142,5 +142,7 @@ def test_site_errors_are_one_line(setup):
         run(handle, inputs, read=["llm.7.resid_post"])
     with pytest.raises(ProjLensError, match="out of range for a batch of 3"):
         run(handle, inputs, edits=[("llm.0.resid_post", Ablate(), [5])])
+    with pytest.raises(ProjLensError, match="gradients are not taken at vision.out"):
+        run(handle, inputs, read=["vision.out"], grad_of=lambda lg: lg.sum())
     with pytest.raises(ProjLensError, match="was not read"):
         run(handle, inputs, read=["logits"]).cache["llm.0.resid_post"]
