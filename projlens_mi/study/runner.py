@@ -206,6 +206,10 @@ def estimate(cfg: StudyConfig, spec: PairSpec, step: Step, n: int | None) -> tup
         params = 3e5
     if params is None or n is None:
         return None, "unknown (model size or data size not known here)"
+    if step.kind == "analysis":       # an analysis with its own ``n`` uses at most n clean + n triggered
+        own = getattr(cfg.analyses[step.analysis].params, "n", None)
+        if isinstance(own, int):
+            n = min(n, 2 * own)
     flops = CPU_FLOPS if cfg.run.device == "cpu" else GPU_FLOPS
     sec = 1.0 + step.passes * n * 2 * params * _tokens_per_record(spec.poisoned) / flops
     return sec, f"{step.passes:g} passes/record × {n} records × {params / 1e9:.3g} B params"
