@@ -234,19 +234,19 @@ def projector_out(handle: ModelHandle, inputs: Inputs) -> Float[Tensor, "n token
     return run(handle, inputs, read=[Site("projector.out", ImageTokens())]).cache[Site("projector.out", ImageTokens())]
 
 
-def shift_basis(pair: Pair, records: list[Record], k: int) -> Float[Tensor, "d k"]:
-    """The shared shift directions: top-``k`` right singular vectors of the token-centred
-    ΔE = E_ft − E_base (projector outputs of the poisoned and base models on the same inputs),
-    pooled over ``records``; column signs make the mean (uncentred) shift project positively.
-    """
-    x = pair.base.encode(records)
-    d_e = (projector_out(pair.poisoned, x) - projector_out(pair.base, x)).double()
-    centred = (d_e - d_e.mean(1, keepdim=True)).reshape(-1, d_e.shape[-1])
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    basis = vh[:k].T.contiguous()
-    sign = torch.sign(d_e.reshape(-1, d_e.shape[-1]).mean(0) @ basis)
+def shift_basis(pair: Pair, records: list[Record], k: int, batch_size: int = 256) -> Float[Tensor, "d k"]:
+    """The top-``k`` shared shift directions of ``analyses.shift``: eigenvectors of the pooled second
+    moment of the token-centred ΔE = E_ft − E_base over ``records`` (column 0 is shift's ``v0``),
+    each oriented along the mean shift."""
+    from .shift import ShiftAccumulator, delta_batches
+    acc = ShiftAccumulator(1)
+    for _, d_e, _, _ in delta_batches(pair, records, batch_size):
+        acc.update(d_e)
+    _, vecs = torch.linalg.eigh(acc.second)
+    basis = vecs.flip(-1)[:, :k].clone()
+    sign = torch.sign(acc.total @ basis)
     sign[sign == 0] = 1
-    return (basis * sign).float()
+    return (basis * sign).float().contiguous()
 
 
 def weight_delta_basis(pair: Pair, k: int) -> Float[Tensor, "d k"]:
