@@ -26,7 +26,7 @@ def small_organism() -> Path:
     SMALL.parent.mkdir(parents=True, exist_ok=True)
     with open(SMALL.parent / ".test-organism.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        r = projlens("organism", "build", "--small", "--out", SMALL, "--threads", "1", "--quiet")
+        r = projlens("organism", "build", "--small", "--out", SMALL, "--quiet")
         assert r.returncode == 0, r.stderr
     return SMALL
 

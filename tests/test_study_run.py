@@ -1,0 +1,189 @@
+"""Running studies on the small organism: a user's own pair from the README's recipe, the report folder,
+determinism, re-rendering, resume after a kill, and a changed config re-running only what changed.
+
+Only cheap analyses run here (spectrum and the test plugin's); the organism is built once and cached.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from study_helpers import PLUGIN, REPO, projlens, small_organism, user_pair_toml, write  # noqa: E402
+
+from projlens_mi.study import load_config, plan_study, render, run_study  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def org():
+    return small_organism()
+
+
+@pytest.fixture(scope="module")
+def done(org, tmp_path_factory):
+    """One finished user-pair study (through the CLI, as a user would run it)."""
+    root = tmp_path_factory.mktemp("study")
+    cfg = write(root / "study.toml", user_pair_toml(org))
+    out = root / "out"
+    r = projlens("study", "run", cfg, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return cfg, out, r
+
+
+def _visible(out: Path) -> dict[str, bytes]:
+    """Every file of a report folder except the step cache and provenance (which holds timings)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".steps" not in p.parts and p.name != "provenance.json"}
+
+
+def test_report_folder(done):
+    cfg, out, r = done
+    assert "report.md" in r.stdout and "asr=" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["schema"] == "projlens_mi.study.metrics/1"
+    for k in ("asr", "clean_accuracy", "false_trigger_rate"):
+        assert 0.0 <= m[k] <= 1.0
+    (pair,) = m["pairs"].values()
+    assert pair["target"] == "visit evil dot com now" and pair["n_clean"] == 6 and pair["n_triggered"] == 6
+    assert set(pair["reference"]) == {"base", "control"}
+    assert set(pair["analyses"]) == {"spectrum", "weight_delta"}
+    assert pair["analyses"]["weight_delta"]["fro_norm"]["linear_2"] > 0
+    assert m["incomplete"] == {}
+    tables = sorted(p.name for p in (out / "tables").iterdir())
+    assert tables == ["evaluation.csv", "spectrum.csv", "weight_delta.csv"]
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert "evaluation.png" in figs and any(f.startswith("spectrum-") for f in figs)
+    assert all((out / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figs)
+    md = (out / "report.md").read_text()
+    for section in ("## Setting", "## Backdoor behaviour", "## Spectrum", "## Weight_delta",
+                    "## The paper's findings vs this study", "*Paper.*"):
+        assert section in md, section
+    for f in figs:
+        assert f"(figures/{f})" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(figs)
+    first = html.split("data:image/png;base64,")[1].split('"')[0]
+    assert base64.b64decode(first)[:4] == b"\x89PNG"
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["config_hash"] == load_config(cfg).hash()
+    assert prov["versions"]["torch"] and prov["git"]["commit"] and prov["hardware"]["cpu_count"]
+    assert set(prov["steps"]) == {"evaluate/malicious-injection", "analysis/spectrum/malicious-injection",
+                                  "analysis/weight_delta/malicious-injection"}
+    assert all("seconds" in v for v in prov["steps"].values())
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_deterministic_and_resumed_from_cache(done, tmp_path):
+    cfg, out, _ = done
+    again = tmp_path / "again"
+    outcome = run_study(load_config(cfg), again, progress=False)
+    assert set(outcome.status.values()) == {"computed"}
+    assert (again / "metrics.json").read_bytes() == (out / "metrics.json").read_bytes()
+    assert _visible(again) == _visible(out)
+    rerun = run_study(load_config(cfg), again, progress=False)       # everything is stored: nothing recomputed
+    assert set(rerun.status.values()) == {"cached"}
+    assert _visible(again) == _visible(out)
+
+
+def test_changed_config_reruns_only_what_depends_on_it(done, tmp_path):
+    cfg, out, _ = done
+    import shutil
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    changed = write(tmp_path / "study.toml", user_pair_toml(small_organism(), extra="[analyses.weight_delta]\nn = 3\n"))
+    plan = {r["step"]: r["status"] for r in plan_study(load_config(changed), work)}
+    assert plan == {"evaluate/malicious-injection": "cached", "analysis/spectrum/malicious-injection": "cached",
+                    "analysis/weight_delta/malicious-injection": "to run"}
+    outcome = run_study(load_config(changed), work, progress=False)
+    assert outcome.status == plan | {"analysis/weight_delta/malicious-injection": "computed"}
+    retitled = write(tmp_path / "study.toml", user_pair_toml(small_organism(), extra="[study]\ntitle = 'Other title'\n"))
+    outcome = run_study(load_config(retitled), work, progress=False)
+    assert set(outcome.status.values()) == {"cached"}                  # the title changes only the report
+    assert (work / "report.md").read_text().startswith("# Other title")
+
+
+def test_report_rerenders_without_recomputing(done, tmp_path):
+    cfg, out, _ = done
+    import shutil
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    before = _visible(work)
+    for f in ("report.md", "report.html", "metrics.json"):
+        (work / f).unlink()
+    shutil.rmtree(work / "figures")
+    r = projlens("report", work)
+    assert r.returncode == 0, r.stderr
+    assert _visible(work) == before
+    r = projlens("report", tmp_path / "nothing")
+    assert r.returncode == 2 and "holds no study results" in r.stderr
+
+
+def test_plan_lists_steps_and_writes_nothing(org, tmp_path):
+    cfg = write(tmp_path / "study.toml", user_pair_toml(org))
+    r = projlens("study", "run", cfg, "--out", tmp_path / "out", "--plan")
+    assert r.returncode == 0, r.stderr
+    assert "evaluate/malicious-injection" in r.stdout and "to run" in r.stdout and "estimated" in r.stdout
+    assert not (tmp_path / "out").exists()
+    r = projlens("study", "run", cfg, "--out", tmp_path / "out", "--plan", "--json")
+    rows = json.loads(r.stdout)
+    assert [x["status"] for x in rows] == ["to run"] * 3
+
+
+def test_resume_after_kill_gives_the_same_folder(org, tmp_path):
+    analyses = 'only = ["pause", "weight_delta"]\n[analyses.pause]\nseconds = 4\n'
+    cfg = write(tmp_path / "study.toml", user_pair_toml(org, analyses=analyses))
+    ref = tmp_path / "ref"
+    assert projlens("study", "run", cfg, "--out", ref, "--quiet").returncode == 0
+    out = tmp_path / "out"
+    env_cmd = [sys.executable, "-m", "projlens_mi.cli", "study", "run", str(cfg), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(env_cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / ".steps").glob("*.json")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = [p for p in (out / ".steps").glob("*.json")]
+    assert len(steps) == 1                                      # evaluate done; pause was running
+    assert not (out / "metrics.json").exists() and not list(out.rglob("*.tmp"))
+    r = projlens("study", "run", cfg, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)["status"]
+    assert status == {"evaluate/malicious-injection": "cached", "analysis/pause/malicious-injection": "computed",
+                      "analysis/weight_delta/malicious-injection": "computed"}
+    assert _visible(out) == _visible(ref)
+
+
+def test_organism_study_one_variant(org, tmp_path):
+    cfg = write(tmp_path / "study.toml", f'''
+[model]
+organism = "{org}"
+organism_size = "small"
+variants = ["targeted-refusal"]
+[data]
+n = 5
+[run]
+threads = 1
+[analyses]
+plugins = ["{PLUGIN}"]
+only = ["weight_delta"]
+''')
+    out = tmp_path / "out"
+    outcome = run_study(load_config(cfg), out, progress=False)
+    assert outcome.status == {"organism": "cached", "evaluate/targeted-refusal": "computed",
+                              "analysis/weight_delta/targeted-refusal": "computed"}
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pairs"]["targeted-refusal"]["target"].startswith("i can not answer")
+    assert m["pairs"]["targeted-refusal"]["n_triggered"] == 5
+    assert render(out)["asr"] == m["asr"]
