@@ -280,6 +280,22 @@ def unembed_direction(handle: ModelHandle, c: Contrast) -> Float[Tensor, " d"]:
     return (v / v.norm().clamp_min(1e-12)).float()
 
 
+def weak_backdoor(metric: str, triggered: float, threshold: float = 0.05) -> str:
+    """A sentence for the summary when the target is unlikely even on triggered inputs, else ``""``."""
+    p = float(np.exp(triggered)) if metric == "logprob" else float(triggered)
+    if not np.isfinite(p) or p >= threshold:
+        return ""
+    return (f"Note: the target is unlikely even on triggered inputs ({METRIC_LABEL[metric]} = {triggered:.3g}), "
+            "so this model shows little backdoor to localise and the numbers describe a small effect.")
+
+
+def mark_empty(ax, values) -> None:
+    """Say so on a heatmap whose cells are all undefined (the two baselines do not differ)."""
+    if not np.isfinite(np.asarray(values, dtype=float)).any():
+        ax.text(0.5, 0.5, "undefined: the two baselines\ndo not differ", transform=ax.transAxes, ha="center",
+                va="center", fontsize=9, color="0.3")
+
+
 def normalised(value: float, low: float, high: float, eps: float = 1e-9) -> float:
     """``(value - low) / (high - low)``; NaN where the two baselines do not differ."""
     den = high - low

@@ -184,6 +184,9 @@ class AblationResult(Result):
                 txt += (f"; ASR {self.asr[b, 0]:.0%} at k={k_small} and {self.asr[b, -1]:.0%} at k={self.ks[-1]} "
                         f"vs placebo {self.asr[r, 0]:.0%} and {self.asr[r, -1]:.0%}")
             parts.append(txt + ".")
+        if note := C.weak_backdoor(self.metric, base_t):
+            parts.append(note)
+            return " ".join(parts)
         gaps = [float(np.nanmax(self.target[r] - self.target[b])) for b, n in enumerate(self.bases) if n != "random"]
         if gaps:
             best = max(gaps)

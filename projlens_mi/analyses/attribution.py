@@ -120,6 +120,7 @@ class AttributionResult(Result):
             ax.set_xlabel("token window (image-token indices / all image / last prompt)", fontsize=7)
             ax.set_ylabel("site")
             ax.set_title(f"estimated {'recovery (denoising)' if d == 'denoise' else 'drop (noising)'}", fontsize=9)
+            C.mark_empty(ax, self.estimate[a])
             fig.colorbar(im, ax=ax, label="estimated normalised effect")
         fig.suptitle(f"Attribution patching {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n}); "
                      f"{self.seconds.get('attribution', np.nan):.2g} s vs {self.seconds.get('patching', np.nan):.2g} s for real patching",
@@ -137,6 +138,8 @@ class AttributionResult(Result):
                 f"{C.METRIC_LABEL[self.metric]}, clean {self.clean_mean:.3g} vs triggered {self.triggered_mean:.3g}): ")
         if not np.isfinite(self.actual).any():
             return head + f"estimates only ({s.get('attribution', float('nan')):.2g} s); real patching was not run for comparison."
+        if note := C.weak_backdoor(self.metric, self.triggered_mean):
+            head += note + " "
         by = ", ".join(f"{d} {v:.2f}" for d, v in self.spearman_by_direction.items())
         quality = ("a good pre-screen" if self.spearman >= 0.8 else "a rough pre-screen" if self.spearman >= 0.5
                    else "not a reliable substitute for real patching here")

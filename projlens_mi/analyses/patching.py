@@ -97,6 +97,7 @@ class PatchingResult(Result):
                     v = self.effect[a, s, w]
                     if np.isfinite(v):
                         ax.text(w, s, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            C.mark_empty(ax, self.effect[a])
             fig.colorbar(im, ax=ax, label="normalised effect (fraction of the backdoor)")
         fig.suptitle(f"Activation patching {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n}): "
                      f"clean {self.clean_mean:.3g}, triggered {self.triggered_mean:.3g}", fontsize=10)
@@ -132,6 +133,8 @@ class PatchingResult(Result):
         if not np.isfinite(self.effect).any():
             return head + " The two baselines do not differ, so no effect can be normalised: there is no backdoor to localise here."
         parts = [head]
+        if note := C.weak_backdoor(self.metric, self.triggered_mean):
+            parts.append(note)
         if abs(gap) < 0.05 * max(abs(self.triggered_mean), 1e-9) or (self.metric != "logprob" and abs(gap) < 0.05):
             parts.append(f"The gap is small ({gap:.3g}), so the normalised effects below are noisy.")
         for d in self.directions:

@@ -113,6 +113,7 @@ class TracingResult(Result):
                 ax.set_ylabel("site (layer)")
                 ax.set_title(f"{title[mode]}\ncorruption: {'trigger removed' if cor == 'clean' else 'noise on image tokens'} "
                              f"({b['corrupted']:.2g} → {b['triggered']:.2g})", fontsize=8)
+                C.mark_empty(ax, self.restored[a, m])
                 fig.colorbar(im, ax=ax, label="restored fraction of the target metric")
         fig.suptitle(f"Causal tracing {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n})", fontsize=10)
         return fig
@@ -135,10 +136,12 @@ class TracingResult(Result):
     def summary(self) -> str:
         parts = [f"**Causal tracing of the {self.direction} direction** ({self.variant}, {self.model} model, {self.n} triggered "
                  f"inputs, metric {C.METRIC_LABEL[self.metric]})."]
+        if note := C.weak_backdoor(self.metric, next(iter(self.baselines.values()))["triggered"]):
+            parts.append(note)
         for cor in self.corruptions:
             b = self.baselines[cor]
             what = "removing the trigger" if cor == "clean" else f"noise on the image tokens (s.d. {self.noise_std:.3g})"
-            txt = f"With {what} the target falls from {b['triggered']:.3g} to {b['corrupted']:.3g}"
+            txt = f"With {what} the target goes from {b['triggered']:.3g} to {b['corrupted']:.3g}"
             if not np.isfinite(self.restored[self.corruptions.index(cor)]).any():
                 parts.append(txt + "; nothing to restore (the corruption does not change the metric).")
                 continue
