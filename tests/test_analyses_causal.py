@@ -479,3 +479,42 @@ def test_registered_and_validated(tiny):
     no_trig = Pair(pair.base, pair.poisoned, pair.clean, TARGET)
     with pytest.raises(ProjLensError, match="triggered"):
         patching(no_trig, PatchingParams(**FAST))
+
+
+# --- the organism (mechanics; the small build's backdoor may not work) ------------------------
+
+
+@pytest.fixture(scope="module")
+def small_organism(tmp_path_factory):
+    from dataclasses import replace
+
+    from projlens_mi.organism import config as oc
+    from projlens_mi.organism.build import build
+    out = tmp_path_factory.mktemp("organism-causal")
+    build(out, replace(oc.small(), threads=1), log=lambda *a: None)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["malicious-injection", "jailbreak-output"])
+def test_causal_analyses_run_on_the_small_organism(small_organism, variant, tmp_path):
+    pair = Pair.from_organism(small_organism, variant, n=4)
+    small = dict(n=4, progress=False, max_new_tokens=12)
+    results = [patching(pair, PatchingParams(**small)),
+               ablation(pair, AblationParams(**small, ks=(1, 4), placebo_seeds=(0, 1))),
+               tracing(pair, TracingParams(**small, placebo_seeds=(0,))),
+               attribution(pair, AttributionParams(**small))]
+    n_layers = pair.poisoned.n_layers
+    for res in results:
+        save_result(res, tmp_path / "r.json")
+        assert load_result(tmp_path / "r.json").summary() == res.summary() != ""
+        assert res.plot() is not None and len(res.to_frame()) > 0
+        assert res.variant == variant
+    pat, abl, tra, att = results
+    assert pat.sites == ["projector.out"] + [f"llm.{i}.resid_post" for i in range(min(4, n_layers))]
+    assert pat.windows[:5] == ["0-4", "5-9", "10-14", "15-19", "20-24"]     # 25 image tokens, grid rows
+    if np.isfinite(pat.effect).any():
+        assert pat.cell("denoise", "projector.out", "image") == pytest.approx(1.0, abs=1e-3)
+    assert set(abl.bases) == {"dW", "shift", "random"} and 0 <= abl.baseline["asr"] <= 1
+    assert tra.direction_vector.shape == (pair.poisoned.module("lm_head").weight.shape[1],)
+    assert np.isfinite(att.estimate).any()

@@ -39,7 +39,7 @@ from .patching import DIRECTIONS, effects, patch_grid
 class AttributionParams:
     """Defaults run in seconds per organism variant on 2 CPUs.
 
-    n / layers / windows / last_token / prefix / model / directions: as in patching (the same cells).
+    n / layers / windows / last_token / prefix / max_new_tokens / model / directions: as in patching (the same cells).
     metric: ``logprob`` (default, see the module docstring) | ``prob`` | ``first_prob``.
     top_k: cells compared by the top-k overlap. compare: also run real patching (needed for the
     agreement numbers; off = estimates only, for pre-screening a large model).
@@ -51,6 +51,7 @@ class AttributionParams:
     last_token: bool = True
     metric: str = "logprob"
     prefix: str = "auto"
+    max_new_tokens: int = 30
     model: str = "poisoned"
     directions: tuple[str, ...] = DIRECTIONS
     top_k: int = 5
@@ -188,7 +189,7 @@ def attribution(pair: Pair, params: AttributionParams = AttributionParams()) -> 
         raise ProjLensError(f"n must be >= 1, got {p.n}")
     if p.top_k < 1:
         raise ProjLensError(f"top_k must be >= 1, got {p.top_k}")
-    c = C.contrast(pair, p.model, p.n, p.metric, p.prefix)
+    c = C.contrast(pair, p.model, p.n, p.metric, p.prefix, p.max_new_tokens)
     points = C.site_points(c.handle, p.layers)
     wins = C.windows(c.n_image_tokens, p.windows, ("image", "last") if p.last_token else ("image",))
     names, dirs = list(wins), list(p.directions)

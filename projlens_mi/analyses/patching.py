@@ -37,7 +37,8 @@ class PatchingParams:
     n: triggered inputs (each with its clean counterpart). layers: LLM layers whose residual stream
     (``resid_post``) is patched; None = the first 4. windows: equal consecutive image-token windows
     (plus ``image`` = all image tokens and ``last`` = the last prompt position if ``last_token``).
-    metric: ``prob`` | ``logprob`` | ``first_prob``. prefix: ``auto`` | ``none`` (see ``_causal``).
+    metric: ``prob`` | ``logprob`` | ``first_prob``. prefix: ``auto`` | ``none`` (see ``_causal``);
+    max_new_tokens: length of the greedy generation that finds the prefix.
     model: which model of the pair runs (``poisoned`` | ``base`` | ``control``).
     """
 
@@ -47,6 +48,7 @@ class PatchingParams:
     last_token: bool = True
     metric: str = "prob"
     prefix: str = "auto"
+    max_new_tokens: int = 30
     model: str = "poisoned"
     directions: tuple[str, ...] = DIRECTIONS
     batch_size: int = 256
@@ -200,7 +202,7 @@ def patching(pair: Pair, params: PatchingParams = PatchingParams()) -> PatchingR
     p = params
     if p.n < 1:
         raise ProjLensError(f"n must be >= 1, got {p.n}")
-    c = C.contrast(pair, p.model, p.n, p.metric, p.prefix)
+    c = C.contrast(pair, p.model, p.n, p.metric, p.prefix, p.max_new_tokens)
     points = C.site_points(c.handle, p.layers)
     wins = C.windows(c.n_image_tokens, p.windows, ("image", "last") if p.last_token else ("image",))
     clean_mean = float(C.score_of(c.handle, c.clean).mean())

@@ -44,7 +44,7 @@ class TracingParams:
     n: triggered inputs. corruptions: ``clean`` (trigger removed) and/or ``noise`` (Gaussian noise on
     the image tokens at projector.out, ``noise_scale`` × their s.d., seeded by ``seed``).
     direction: ``shift`` | ``mean_diff`` | ``unembed``. placebo_seeds: random unit directions for
-    the placebo restore. layers / windows / last_token / metric / prefix / model: as in patching.
+    the placebo restore. layers / windows / last_token / metric / prefix / max_new_tokens / model: as in patching.
     """
 
     n: int = 16
@@ -58,6 +58,7 @@ class TracingParams:
     last_token: bool = True
     metric: str = "prob"
     prefix: str = "auto"
+    max_new_tokens: int = 30
     model: str = "poisoned"
     batch_size: int = 256
     progress: bool = True
@@ -205,7 +206,7 @@ def tracing(pair: Pair, params: TracingParams = TracingParams()) -> TracingResul
         C.check_choice("corruption", cor, CORRUPTIONS)
     if not p.corruptions:
         raise ProjLensError("corruptions is empty; choose 'clean' and/or 'noise'")
-    c = C.contrast(pair, p.model, p.n, p.metric, p.prefix)
+    c = C.contrast(pair, p.model, p.n, p.metric, p.prefix, p.max_new_tokens)
     clean_recs, trig_recs = C.matched_records(pair, p.n)
     v = traced_direction(pair, c, clean_recs, trig_recs, p.direction)
     points = C.site_points(c.handle, p.layers)
