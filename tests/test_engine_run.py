@@ -146,3 +146,18 @@ def test_site_errors_are_one_line(setup):
         run(handle, inputs, read=["vision.out"], grad_of=lambda lg: lg.sum())
     with pytest.raises(ProjLensError, match="was not read"):
         run(handle, inputs, read=["logits"]).cache["llm.0.resid_post"]
+
+
+def test_window_ordered_projector_rows_refuse_token_selectors():
+    from projlens_mi.engine import ImageWindow
+    from projlens_mi.model import Inputs
+    from tiny_families import FAMILIES
+    f = FAMILIES["qwen2_5_vl"]()
+    handle = load(f.model)
+    kw = dict(f.inputs)
+    ids, pv = kw.pop("input_ids"), kw.pop("pixel_values")
+    inputs = Inputs(ids, kw.pop("attention_mask", torch.ones_like(ids)), handle.image_mask(ids), pv, extra=kw)
+    with pytest.raises(ProjLensError, match="attention-window order .* select at llm.0.resid_pre"):
+        run(handle, inputs, edits=[(Site("projector.out", ImageWindow(0, 3)), Ablate())])
+    full = run(handle, inputs, read=["projector.out"]).cache["projector.out"]   # AllTokens is fine
+    assert full.ndim == 2

@@ -104,6 +104,7 @@ class Plan:
         by_point: dict[str, tuple[list, list]] = {}
         for s in read:
             canonical(s.point, n)
+            _check_order(handle, s)
             by_point.setdefault(s.point, ([], []))[1].append(s)
         for e in edits:
             if e.site is None:
@@ -111,6 +112,7 @@ class Plan:
                     by_point.setdefault("linear:" + path, ([], []))[0].append(e)
                 continue
             canonical(e.site.point, n)
+            _check_order(handle, e.site)
             if e.site.point == "vision.out":
                 raise ProjLensError("vision.out is read-only (the projector reads the tower's hidden states); "
                                     "edit projector.in instead")
@@ -302,6 +304,15 @@ def _view(handle: ModelHandle, point: str, act: Tensor, batch: int) -> Float[Ten
                                 "rows; use images of one size (the same number of crops per prompt)")
         return act.reshape(batch, per_row, act.shape[-1])
     return act
+
+
+def _check_order(handle, site: Site) -> None:
+    """Refuse token selectors where projector rows are not in image-token order (Qwen2.5-VL's windows)."""
+    order = getattr(handle.adapter, "token_order", "sequence")
+    if order == "window" and site.point in IMAGE_POINTS and not isinstance(site.tokens, AllTokens):
+        raise ProjLensError(f"{handle.adapter.family}: {site.point} rows are in attention-window order "
+                            f"(token_order='window'), so {site.tokens!r} would pick the wrong tokens; select at "
+                            "llm.0.resid_pre instead, or use AllTokens() here")
 
 
 def _context(handle, point, act, inputs: Inputs) -> TokenContext:
