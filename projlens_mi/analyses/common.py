@@ -58,13 +58,12 @@ def short(path: str) -> str:
 
 def weights(handle: ModelHandle) -> dict[str, tuple[Tensor, Tensor | None]]:
     """``{path: (W, b)}`` of the projector linears, detached float64 copies on the CPU."""
+    from ..model.placement import weight_of   # offloaded (meta) weights are read through accelerate
     out = {}
     for p in linear_paths(handle):
         m = handle.module(p)
-        if m.weight.device.type == "meta":
-            raise ProjLensError(f"{p} is offloaded (meta); load the projector on a real device to analyse its weights")
-        out[p] = (m.weight.detach().double().cpu().clone(),
-                  None if m.bias is None else m.bias.detach().double().cpu().clone())
+        w, b = weight_of(m, "weight"), weight_of(m, "bias")
+        out[p] = (w.double().cpu().clone(), None if b is None else b.double().cpu().clone())
     return out
 
 
