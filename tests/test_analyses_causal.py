@@ -518,3 +518,31 @@ def test_causal_analyses_run_on_the_small_organism(small_organism, variant, tmp_
     assert set(abl.bases) == {"dW", "shift", "random"} and 0 <= abl.baseline["asr"] <= 1
     assert tra.direction_vector.shape == (pair.poisoned.module("lm_head").weight.shape[1],)
     assert np.isfinite(att.estimate).any()
+
+
+def test_batched_generation_under_ablation_equals_hooked_generate(tiny):
+    """ASR / clean accuracy come from one tiled generate call over all configurations; each block
+    must equal HF generate with a projector hook doing the same projection."""
+    model, pois, proc, pair = tiny
+    h = pair.poisoned
+    recs = pair.triggered + pair.clean
+    Bs = [C.random_basis(pois.config.text_config.hidden_size, k, seed=k) for k in (1, 4)]
+    configs = [[]] + [[(pl.Site("projector.out", pl.ImageTokens()), pl.ProjectOut(B))] for B in Bs]
+    got = C.generated_texts(h, h.encode(recs), configs, max_new_tokens=5, max_rows=2 * len(recs))  # 2 calls
+    enc = proc(images=[r.pil() for r in recs], text=[r.prompt for r in recs], return_tensors="pt", padding=True)
+    tok = proc.tokenizer
+    for B, texts in zip([None] + Bs, got):
+        hooks = []
+        if B is not None:
+            Bd = B.double()
+            hooks = [replace_at(projector(pois), lambda out, Bd=Bd: (out.double() - out.double() @ Bd @ Bd.T).to(out.dtype))]
+        handles = [m.register_forward_hook(f) for m, f in hooks]
+        try:
+            with torch.no_grad():
+                ids = pois.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        finally:
+            for x in handles:
+                x.remove()
+        ref = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert texts == ref
+    assert len(set(map(tuple, got))) > 1    # the ablations did change some generations

@@ -302,13 +302,33 @@ def normalised(value: float, low: float, high: float, eps: float = 1e-9) -> floa
     return float("nan") if abs(den) < eps else (value - low) / den
 
 
-def generated_rates(handle: ModelHandle, trig_recs, clean_recs, target_of, edits, max_new_tokens) -> tuple[float, float]:
-    """(ASR on triggered records, clean accuracy on clean records) by greedy generation under ``edits``."""
-    outs = common.texts(handle, handle.encode(trig_recs + clean_recs), max_new_tokens, edits)
+def generated_texts(handle: ModelHandle, x: Inputs, configs: list[list], max_new_tokens: int,
+                    max_rows: int = 512) -> list[list[str]]:
+    """Greedy generations of every row of ``x`` under each edit configuration. Configurations are
+    tiled ``[config × input]`` into few batched ``generate`` calls, each config's edits restricted to
+    its block of rows (``common.tile_edits``)."""
+    n = len(x)
+    per_call = max(1, max_rows // n)
+    out = []
+    for start in range(0, len(configs), per_call):
+        chunk = configs[start:start + per_call]
+        texts = common.texts(handle, x.tile(len(chunk)), max_new_tokens, common.tile_edits(chunk, n))
+        out += [texts[c * n:(c + 1) * n] for c in range(len(chunk))]
+    return out
+
+
+def generated_rates(handle: ModelHandle, trig_recs, clean_recs, target_of, configs: list[list],
+                    max_new_tokens: int) -> list[tuple[float, float]]:
+    """Per edit configuration: (ASR on the triggered records, clean accuracy on the clean records)."""
     k = len(trig_recs)
-    asr = float(common.hits(outs[:k], [target_of(r) for r in trig_recs]).mean()) if trig_recs else float("nan")
-    acc = float(common.hits(outs[k:], [r.answer for r in clean_recs]).mean()) if clean_recs else float("nan")
-    return asr, acc
+    targets = [target_of(r) for r in trig_recs]
+    answers = [r.answer for r in clean_recs]
+    out = []
+    for block in generated_texts(handle, handle.encode(trig_recs + clean_recs), configs, max_new_tokens):
+        asr = float(common.hits(block[:k], targets).mean()) if k else float("nan")
+        acc = float(common.hits(block[k:], answers).mean()) if clean_recs else float("nan")
+        out.append((asr, acc))
+    return out
 
 
 def figure(rows: int, cols: int, figsize: tuple[float, float]):

@@ -260,13 +260,11 @@ def ablation(pair: Pair, params: AblationParams = AblationParams()) -> AblationR
     asr_sd, acc_sd = np.full(len(ks), np.nan), np.full(len(ks), np.nan)
     baseline = {"target": float(C.score_of(h, s_trig).mean()), "clean": float(C.score_of(h, s_clean).mean())}
     if p.generate:
-        target_of = pair.target_of
-        baseline["asr"], baseline["accuracy"] = C.generated_rates(h, trig, clean, target_of, (), p.max_new_tokens)
-        for key, edits in cells:
-            if key["site"] != "projector.out":
-                continue
-            key["asr"], key["accuracy"] = C.generated_rates(h, trig, clean, target_of, edits, p.max_new_tokens)
-        gen = pd.DataFrame([k for k, _ in cells if k["site"] == "projector.out"])
+        gen_cells = [key for key, _ in cells if key["site"] == "projector.out"]
+        rates = C.generated_rates(h, trig, clean, pair.target_of,
+                                  [[]] + [edits for key, edits in cells if key["site"] == "projector.out"], p.max_new_tokens)
+        baseline["asr"], baseline["accuracy"] = rates[0]
+        gen = pd.DataFrame([{**key, "asr": a, "accuracy": b} for key, (a, b) in zip(gen_cells, rates[1:])])
         for (name, k), g in gen.groupby(["basis", "k"]):
             i = (names.index(name), ks.index(k))
             asr[i], acc[i] = g["asr"].mean(), g["accuracy"].mean()
