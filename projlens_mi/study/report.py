@@ -44,6 +44,11 @@ PAPER_REFERENCE = {
     "attribution": "Not in the paper (this project's addition): attribution patching and its agreement with real patching.",
 }
 
+TITLES = {"spectrum": "Update spectrum", "injection": "Rank-k injection and removal", "neurons": "Trigger neurons",
+          "shift": "Semantic shift", "norm": "Norm scaling", "probe": "Clean/poison probe",
+          "patching": "Activation patching", "ablation": "Subspace projection ablation",
+          "tracing": "Causal tracing of the target-aligned direction", "attribution": "Attribution patching"}
+
 FINDINGS = [
     ("1. The backdoor-critical part of the projector update is low-rank (while ΔW itself is overall full-rank).",
      ["spectrum", "injection"], ("energy", "rank", "asr")),
@@ -276,7 +281,7 @@ def render(out: str | Path, log=None) -> dict:
     names = [a for a in metrics["analyses"]]
     for name in names:
         steps = [s for s in manifest["steps"] if s["kind"] == "analysis" and s["analysis"] == name]
-        md.append(f"## {name.capitalize()}\n")
+        md.append(f"## {TITLES.get(name, name.replace('_', ' ').capitalize())}\n")
         doc = _analysis_doc(name)
         if doc:
             md.append(doc + "\n")
@@ -316,7 +321,7 @@ def render(out: str | Path, log=None) -> dict:
                 rel = put_fig(f"{name}-{s['pair']}" + (f"-{key}" if key else ""), fig)
                 md.append(f"![{name} {s['pair']} {key}]({rel})\n")
             headline = _scalars(payload.get("metrics", {}))
-            if headline:
+            if headline and not summary:
                 items = list(headline.items())[:12]
                 md.append(_table(["metric", "value"], [[k, v] for k, v in items]) + "\n")
         if frames:
@@ -387,29 +392,99 @@ def _short(s: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.is_absolute() else s
 
 
+def _num(flat: dict, key: str):
+    v = flat.get(key)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v)) else None
+
+
+def _evidence_low_rank(per: dict) -> tuple[list[str], list[bool]]:
+    """Finding 1: spectrum energy at k=30 (+ random reference), rank-1 vs best low-rank injection ASR."""
+    texts, verdicts = [], []
+    for pair, a in per.items():
+        parts, ok = [], None
+        sp = _scalars(a.get("spectrum") or {})
+        e30, r30 = _num(sp, "linear_2.poisoned.energy_at_30"), _num(sp, "linear_2.random.energy_at_30")
+        if e30 is not None:
+            parts.append(f"E₃₀(ΔW₂) = {e30:.2f}" + (f" (random {r30:.2f})" if r30 is not None else ""))
+        inj = _scalars(a.get("injection") or {})
+        ft = _num(inj, "ft_model.asr")
+        r1 = _num(inj, "inject.base.r1_0.r2_1.asr")
+        cells = [(k, v) for k, v in inj.items() if k.startswith("inject.base.") and _num(inj, k) is not None]
+        if cells and r1 is not None and ft:
+            best_k, best = max(cells, key=lambda kv: kv[1])
+            parts.append(f"rank-1 ΔW₂ injection ASR {r1:.2f}, best low-rank {best:.2f} "
+                         f"({best_k.split('.')[2]}.{best_k.split('.')[3]}), FT {ft:.2f}")
+            ok = r1 <= 0.2 * ft + 1e-9 and best >= 0.8 * ft
+        texts.append(f"{pair}: " + ("; ".join(parts) if parts else "not measured"))
+        if ok is not None:
+            verdicts.append(ok)
+    return texts, verdicts
+
+
+def _evidence_neurons(per: dict) -> tuple[list[str], list[bool]]:
+    texts, verdicts = [], []
+    for pair, a in per.items():
+        n = _scalars(a.get("neurons") or {})
+        corr, dm, cand = _num(n, "corr_M.ft"), _num(n, "ft.max_M_diff"), _num(n, "ft.n_quiescent_candidates")
+        if corr is None:
+            texts.append(f"{pair}: not measured")
+            continue
+        texts.append(f"{pair}: corr(M_p, M_c) = {corr:.3f}, max M_p − M_c = {_fmt(dm)}, quiescent candidates {_fmt(cand)}")
+        verdicts.append(corr >= 0.98 and (cand or 0) == 0)
+    return texts, verdicts
+
+
+def _evidence_shift(per: dict) -> tuple[list[str], list[bool]]:
+    texts, verdicts = [], []
+    for pair, a in per.items():
+        sh, nm = _scalars(a.get("shift") or {}), _scalars(a.get("norm") or {})
+        e1c, e1t = _num(sh, "energy_k1.clean"), _num(sh, "energy_k1.triggered")
+        rc, rt = _num(nm, "clean.r"), _num(nm, "triggered.r")
+        parts = []
+        if e1c is not None:
+            parts.append(f"ΔE energy at k=1: clean {e1c:.2f}, triggered {_fmt(e1t)}")
+        if rc is not None:
+            parts.append(f"norm fit r: clean {rc:.2f}, triggered {_fmt(rt)}")
+        texts.append(f"{pair}: " + ("; ".join(parts) if parts else "not measured"))
+        if e1c is not None and rc is not None:
+            verdicts.append(min(e1c, e1t or e1c) >= 0.5 and min(rc, rt if rt is not None else rc) >= 0.9)
+    return texts, verdicts
+
+
+EVIDENCE = [_evidence_low_rank, _evidence_neurons, _evidence_shift]
+VERDICT_NEEDS = ["injection", "neurons", "shift and norm"]
+
+# The number the terminal summary shows per analysis (mean over pairs), first key found.
+HEADLINE = {"spectrum": ["linear_2.poisoned.energy_at_30", "linear_2.poisoned.effective_rank"],
+            "injection": ["ft_model.asr", "inject.base.r1_0.r2_1.asr", "inject.base.r1_0.r2_2.asr"],
+            "neurons": ["corr_M.ft", "ft.max_M_diff", "ft.n_quiescent_candidates"],
+            "shift": ["energy_k1.clean", "energy_k1.triggered"],
+            "norm": ["clean.r", "triggered.r"],
+            "probe": ["ft.true.accuracy", "base.true.accuracy"],
+            "patching": ["denoise_projector_out_image", "clean_mean", "triggered_mean"],
+            "ablation": ["baseline.asr", "baseline.target"],
+            "tracing": ["clean_component_max", "noise_component_max"],
+            "attribution": ["spearman", "top_k_overlap"]}
+
+
 def _findings(metrics: dict) -> list[str]:
-    lines = ["## The paper's findings vs this study\n"]
+    lines = ["## The paper's findings vs this study\n",
+             "Verdict rules (per pair): (1) rank-1 injection ASR ≤ 20 % of the FT model's and some injection of "
+             "rank ≤ 5 reaches ≥ 80 % of it; (2) corr(M_p, M_c) ≥ 0.98 and no quiescent-on-clean candidate unit; "
+             "(3) ΔE energy at k = 1 ≥ 0.5 and the norm fit's Pearson r ≥ 0.9, clean and triggered.\n"]
     rows = []
-    for claim, names, keywords in FINDINGS:
-        shown = []
-        for name in names:
-            per = {p: e["analyses"].get(name) for p, e in metrics["pairs"].items()}
-            per = {p: v for p, v in per.items() if v is not None}
-            if not per:
-                shown.append(f"{name}: not run")
-                continue
-            picks = []
-            for p, v in per.items():
-                flat = _scalars(v)
-                keys = [k for k in flat if any(w in k.lower() for w in keywords)
-                        and isinstance(flat[k], (int, float)) and not isinstance(flat[k], bool)][:2]
-                if keys:
-                    picks.append(f"{p}: " + ", ".join(f"{k} = {_fmt(flat[k])}" for k in keys))
-            shown.append(f"{name} — " + ("; ".join(picks) if picks else "see its section"))
+    per = {p: e["analyses"] for p, e in metrics["pairs"].items()}
+    for (claim, names, _), evidence in zip(FINDINGS, EVIDENCE):
+        texts, verdicts = evidence(per)
+        if verdicts:
+            k = sum(verdicts)
+            verdict = ("reproduces" if k == len(verdicts) else "does not reproduce" if k == 0 else "mixed") + \
+                      f" ({k}/{len(verdicts)} pairs)"
+        else:
+            verdict = "no verdict (needs " + VERDICT_NEEDS[len(rows)] + ")"
         ref = " ".join(PAPER_REFERENCE.get(n, "") for n in names)
-        rows.append([claim, ref, "<br>".join(shown)])
-    lines.append(_table(["finding", "paper (LLaVA-1.5-7B)", "this study"], rows) + "\n")
-    lines.append("Each analysis section above gives the full numbers with their controls; read the verdict there.\n")
+        rows.append([claim, ref, "<br>".join(texts), verdict])
+    lines.append(_table(["finding", "paper (LLaVA-1.5-7B)", "this study", "verdict"], rows) + "\n")
     return lines
 
 
@@ -456,10 +531,13 @@ def summary_text(metrics: dict, outcome, out: Path) -> str:
     lines.append("")
     for name in metrics["analyses"]:
         done = [p for p in pairs if name in metrics["pairs"][p]["analyses"]]
-        first = _scalars(metrics["pairs"][done[0]]["analyses"][name]) if done else {}
-        nums = [(k, v) for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)][:2]
-        head = ", ".join(f"{k}={_fmt(v)}" for k, v in nums)
-        lines.append(f"  {name:<12} {len(done)}/{len(pairs)} pairs" + (f"   {done[0]}: {head}" if head else ""))
+        flats = [_scalars(metrics["pairs"][p]["analyses"][name]) for p in done]
+        keys = [k for k in HEADLINE.get(name, []) if any(_num(f, k) is not None for f in flats)][:2]
+        if not keys and flats:
+            keys = [k for k, v in flats[0].items() if _num(flats[0], k) is not None][:2]
+        head = ", ".join(f"{k}={_fmt(_mean(_num(f, k) for f in flats))}" for k in keys)
+        lines.append(f"  {name:<12} {len(done)}/{len(pairs)} pairs" + (f"   {head}" + (" (mean)" if len(done) > 1 else "")
+                                                                       if head else ""))
     counts = {}
     for v in outcome.status.values():
         counts[v] = counts.get(v, 0) + 1

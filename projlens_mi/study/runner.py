@@ -153,7 +153,15 @@ def run_analysis(name: str, pair, params, progress: bool = True) -> dict:
     if not progress and dataclasses.is_dataclass(params) and hasattr(params, "progress"):
         params = dataclasses.replace(params, progress=False)
     result = ANALYSES[name].fn(pair, params)
-    return {"result": result_to_dict(result), "metrics": _jsonable(result.metrics()), "summary": result.summary()}
+    return {"result": result_to_dict(result), "metrics": _drop_timings(_jsonable(result.metrics())),
+            "summary": result.summary()}
+
+
+def _drop_timings(obj):
+    """Wall times are not results: they would make metrics.json differ between identical runs."""
+    if isinstance(obj, dict):
+        return {k: _drop_timings(v) for k, v in obj.items() if k not in ("seconds", "wall_seconds", "time")}
+    return obj
 
 
 def _jsonable(obj):
