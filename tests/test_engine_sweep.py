@@ -46,14 +46,21 @@ def metric(logits, index):
     return logits[:, -1, 7] - logits[:, -1, 9]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 5, 17, 400])
-def test_sweep_equals_cells_one_at_a_time_exactly(setup, batch_size):
+@pytest.fixture(scope="module")
+def reference(setup):
     handle, _, inputs, clean = setup
     cells = cells_for(handle, clean)
+    return cells, {key: run_cell(handle, inputs, edits, metric) for key, edits in cells.items()}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 5, 17, 400])
+def test_sweep_equals_cells_one_at_a_time_exactly(setup, reference, batch_size):
+    handle, _, inputs, _ = setup
+    cells, refs = reference
     df = sweep(handle, inputs, cells, metric, batch_size=batch_size, progress=False)
     assert list(df.columns) == ["cell", "input", "value"] and len(df) == len(cells) * N
     for key, edits in cells.items():
-        ref = run_cell(handle, inputs, edits, metric)
+        ref = refs[key]
         got = torch.tensor(df[df.cell == key].sort_values("input").value.to_numpy(), dtype=torch.float32)
         assert torch.equal(got, ref), (key, (got - ref).abs().max())
     assert df[df.cell == "none"].value.tolist() != df[df.cell == "proj"].value.tolist()
