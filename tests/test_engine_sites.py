@@ -19,7 +19,9 @@ PROJ = TokenContext(n_tokens=16, image_point=True)
 def test_canonical_names_and_aliases():
     assert canonical("blocks.3.hook_resid_post") == "llm.3.resid_post"
     assert canonical("vision_projector.hook_out") == "projector.out"
-    assert canonical("hook_embed") == "llm.embed"
+    assert canonical("hook_embed") == "llm.embed" == canonical("embed.hook_out")
+    assert canonical("blocks.2.attn.hook_out") == "llm.2.attn_out"
+    assert canonical("blocks.0.hook_in") == "llm.0.resid_pre" and canonical("blocks.0.hook_out") == "llm.0.resid_post"
     assert canonical("llm.0.attn_out", n_layers=2) == "llm.0.attn_out"
     assert Site("blocks.1.hook_mlp_out") == Site("llm.1.mlp_out")
     with pytest.raises(ProjLensError, match=r"unknown site 'proj.out'; valid sites: llm.embed, vision.out, "

@@ -34,6 +34,7 @@ IMAGE_POINTS = ("vision.out", "projector.in", "projector.hidden", "projector.out
 # TransformerLens names -> ours ({i} is the layer).
 TL_ALIASES = {
     "hook_embed": "llm.embed",
+    "embed.hook_out": "llm.embed",
     "vision_encoder.hook_out": "vision.out",
     "vision_projector.hook_in": "projector.in",
     "vision_projector.hook_hidden": "projector.hidden",
@@ -46,6 +47,9 @@ TL_ALIASES = {
 }
 _LAYER_RE = re.compile(r"^llm\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out)$")
 _TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
+# TransformerBridge (TL 4.x) component spellings: blocks.{i}.hook_in/hook_out, blocks.{i}.attn.hook_out, ...
+_BRIDGE_RE = re.compile(r"^blocks\.(\d+)\.(hook_in|hook_out|attn\.hook_out|mlp\.hook_out)$")
+_BRIDGE = {"hook_in": "resid_pre", "hook_out": "resid_post", "attn.hook_out": "attn_out", "mlp.hook_out": "mlp_out"}
 
 
 def valid_points(n_layers: int | None = None) -> str:
@@ -60,6 +64,8 @@ def canonical(name: str, n_layers: int | None = None) -> str:
     name = TL_ALIASES.get(name, name)
     if m := _TL_RE.match(name):
         name = f"llm.{m.group(1)}.{m.group(2)}"
+    elif m := _BRIDGE_RE.match(name):
+        name = f"llm.{m.group(1)}.{_BRIDGE[m.group(2)]}"
     if name in FIXED:
         return name
     if m := _LAYER_RE.match(name):
