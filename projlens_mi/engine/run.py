@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
+from ..model.placement import weight_of
 from .interventions import Intervention, WithWeights, project
 from .sites import IMAGE_POINTS, AllTokens, Site, TokenContext, as_site, canonical, check_basis, order_key
 
@@ -383,7 +384,7 @@ def _swap_weights(handle, path, edits, batch):
         W, b = e.intervention.weights.get(path, e.intervention.weights.get(path.rsplit(".", 1)[-1]))
         if tuple(W.shape) != tuple(mod.weight.shape):
             raise ProjLensError(f"WithWeights {path}: W must be {tuple(mod.weight.shape)}, got {tuple(W.shape)}")
-        bias = mod.bias if b is None else b
+        bias = weight_of(mod, "bias") if b is None else b   # a real copy also when accelerate offloaded it
         y = e.intervention.linear(x, W, bias)
         if e.rows is None:
             new = y

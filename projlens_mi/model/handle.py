@@ -150,9 +150,9 @@ class ModelHandle:
 
     @property
     def envoy(self):
-        if self._envoy is None:
-            from nnsight import NNsight
-            self._envoy = NNsight(self.model)
+        if self._envoy is None:   # placement-aware: inputs never go to `meta`; TP models get TPFragments
+            from .placement import wrap
+            self._envoy = wrap(self.model)
         return self._envoy
 
     @property
@@ -162,13 +162,8 @@ class ModelHandle:
     @property
     def device(self) -> torch.device:
         """Where inputs go: accelerate's execution device if dispatched, else the first non-meta parameter."""
-        hook = getattr(self.model, "_hf_hook", None)
-        if getattr(hook, "execution_device", None) is not None:
-            return torch.device(hook.execution_device)
-        for p in self.model.parameters():
-            if p.device.type != "meta":
-                return p.device
-        return torch.device("cpu")
+        from .placement import input_device
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
