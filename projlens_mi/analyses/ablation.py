@@ -48,7 +48,7 @@ class AblationParams:
 
     n: int = 16
     bases: tuple[str, ...] = BASES
-    ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    ks: tuple[int, ...] = (1, 2, 4, 8)
     layers: tuple[int, ...] | None = None
     residual_tokens: str = "image"
     placebo_seeds: tuple[int, ...] = (0, 1, 2)

@@ -52,7 +52,7 @@ class TracingParams:
     noise_scale: float = 3.0
     seed: int = 0
     direction: str = "shift"
-    placebo_seeds: tuple[int, ...] = (0, 1)
+    placebo_seeds: tuple[int, ...] = (0,)
     layers: tuple[int, ...] | None = None
     windows: int = 5
     last_token: bool = True
