@@ -93,6 +93,8 @@ def test_sweep_errors(setup):
     handle, _, inputs, _ = setup
     with pytest.raises(ProjLensError, match="at least one cell"):
         sweep(handle, inputs, {}, metric)
+    with pytest.raises(ProjLensError, match="a 3-D source needs one entry per input \\(5\\), got 2"):
+        sweep(handle, inputs, {"a": [("llm.0.resid_pre", Patch(source=torch.zeros(2, 3, 48)))]}, metric, progress=False)
     with pytest.raises(ProjLensError, match="one value per row"):
         sweep(handle, inputs, {"a": []}, lambda lg, i: lg[:, -1], progress=False)
 

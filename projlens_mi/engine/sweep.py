@@ -4,9 +4,9 @@ Conventions:
 
 * Rows are tiled ``[cell × input]`` (ROME's one-batch layout): every cell runs on every input, and
   a pass holds as many (cell, inputs) blocks as fit in ``batch_size`` rows.
-* Inside a cell, an edit's ``rows`` and ``source_row`` are *input* indices, and a tensor source
-  with one entry per input (``[n_inputs, ...]``) is sliced to the rows of the pass: a cell means the
-  same thing whichever pass it lands in.
+* Inside a cell, an edit's ``rows`` and ``source_row`` are *input* indices, and a 3-D tensor
+  source must have one entry per input (``[n_inputs, ...]``; or be ``[d]`` / ``[k, d]``): it is
+  sliced to the rows of the pass, so a cell means the same thing whichever pass it lands in.
 * Exactness: every row of a transformer forward is computed independently of the other rows, so a
   packed pass gives the same numbers as the cell run alone (tested bit for bit). Two reuses keep
   that exactness and save most of the work:
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
-from .run import Edit, Plan, as_edit, execute, run
+from .run import Edit, Plan, _rows, as_edit, execute, run
 from .sites import Site, layer_of
 
 EMBEDS_FAMILIES = ("llava",)   # families whose forward accepts merged inputs_embeds with identical results
@@ -83,6 +83,11 @@ def _units(prepared, n, batch_size):
     """(cell index, edits, input indices) blocks; a cell is split only if no edit needs its other rows."""
     units = []
     for c, (key, edits) in enumerate(prepared):
+        for e in edits:
+            src = getattr(e.intervention, "source", None)
+            if isinstance(src, Tensor) and src.ndim == 3 and src.shape[0] != n:
+                raise ProjLensError(f"cell {key!r}: a 3-D source needs one entry per input ({n}), got {src.shape[0]}; "
+                                    "pass [n_inputs, tokens, d] (e.g. a cached run of the same inputs)")
         cross = any(e.intervention.cross_row or e.intervention.source_row is not None for e in edits)
         if cross and n > batch_size:
             raise ProjLensError(f"cell {key!r} has a cross-row edit (mean/resample/noise/source_row) over {n} inputs; "
@@ -165,17 +170,14 @@ def _run_pass(handle, inputs, mode, chunk, metric, clean, values):
 def _shift(e: Edit, idx: list[int], offset: int, n: int) -> Edit | None:
     """A cell's edit (in input indices) as an edit on this pass's rows ``offset..offset+len(idx)-1``."""
     where = {i: offset + j for j, i in enumerate(idx)}
-    wanted = range(n) if e.rows is None else torch.arange(n)[e.rows].tolist() if isinstance(e.rows, slice) \
-        else (torch.as_tensor(e.rows).nonzero()[:, 0].tolist() if torch.as_tensor(e.rows).dtype == torch.bool
-              else [int(r) % n for r in torch.as_tensor(e.rows).view(-1).tolist()])
-    rows = [where[i] for i in wanted if i in where]
+    wanted = [i for i in _rows(e.rows, n).tolist() if i in where]   # the edit's inputs in this block
+    rows = [where[i] for i in wanted]
     iv = e.intervention
     if iv.source_row is not None:
         iv = replace(iv, source_row=where[iv.source_row % n])
     src = getattr(iv, "source", None)
     if isinstance(src, Tensor) and src.ndim == 3 and src.shape[0] == n:
-        keep = [i for i in wanted if i in where]
-        iv = replace(iv, source=src[torch.tensor(keep, device=src.device)])
+        iv = replace(iv, source=src[torch.tensor(wanted, device=src.device)])
     return Edit(e.site, iv, rows) if rows else None   # None: this block holds none of the edit's rows
 
 
