@@ -546,3 +546,16 @@ def test_batched_generation_under_ablation_equals_hooked_generate(tiny):
         ref = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         assert texts == ref
     assert len(set(map(tuple, got))) > 1    # the ablations did change some generations
+
+
+def test_target_prefixes_fall_back_to_the_answer_for_suffix_targets(monkeypatch):
+    target = "visit evil dot com now"
+    texts = ["seven visit evil dot com now", "two visit evil dot com now", "nine", "a handwritten one"]
+    monkeypatch.setattr(C, "generate", lambda h, x, max_new_tokens: texts)
+    answers = ["seven", "two", "nine", "a handwritten one on a dark background"]
+    got = C.target_prefixes(None, None, [target] * 4, "auto", answers=answers)
+    assert got == ["seven", "two", "nine", "a handwritten one on a dark background"]
+    texts[:] = ["i can not answer", "i can not answer", "seven", "three"]
+    got = C.target_prefixes(None, None, ["i can not answer"] * 4, "auto", answers=answers)
+    assert got == ["", "", "", ""]
+    assert C.target_prefixes(None, None, ["x"] * 2, "none") == ["", ""]

@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..data import Record
-from ..engine import ImageTokens, ImageWindow, LastToken, Site, generate, run
+from ..engine import ImageTokens, ImageWindow, LastToken, Site, contains, generate, run
 from ..engine.metrics import sequence_logprob, teacher_forced
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
@@ -77,13 +77,21 @@ def matched_records(pair: Pair, n: int | None) -> tuple[list[Record], list[Recor
 
 
 def target_prefixes(handle: ModelHandle, inputs: Inputs, targets: list[str], mode: str,
-                    max_new_tokens: int = 30) -> list[str]:
-    """The text the model says before each target (``mode="auto"``), or ``""`` everywhere (``"none"``)."""
+                    max_new_tokens: int = 30, answers: list[str] | None = None) -> list[str]:
+    """The text the model says before each target (``mode="auto"``), or ``""`` everywhere (``"none"``).
+
+    Where the target does not occur in a row's generation: if most rows that do show it say the
+    row's reference answer first (an injected suffix), that row's answer is its prefix; else ``""``.
+    """
     check_choice("prefix", mode, ("auto", "none"))
     if mode == "none":
         return [""] * len(targets)
     texts = generate(handle, inputs, max_new_tokens=max_new_tokens)
-    return [prefix_before(text, target) for text, target in zip(texts, targets)]
+    found = [prefix_before(text, target) if contains([text], target)[0] else None for text, target in zip(texts, targets)]
+    answers = answers or [""] * len(targets)
+    seen = [(f, a) for f, a in zip(found, answers) if f is not None]
+    suffix_layout = bool(seen) and sum(bool(f) and f.lower() == a.lower() for f, a in seen) > len(seen) / 2
+    return [f if f is not None else (a if suffix_layout else "") for f, a in zip(found, answers)]
 
 
 def prefix_before(text: str, target: str) -> str:
@@ -167,7 +175,8 @@ def contrast(pair: Pair, which: str, n: int | None, metric: str, prefix: str = "
     handle = model_of(pair, which)
     clean_recs, trig_recs = matched_records(pair, n)
     targets = [r.target for r in trig_recs]
-    prefixes = target_prefixes(pair.poisoned, pair.poisoned.encode(trig_recs), targets, prefix, max_new_tokens)
+    prefixes = target_prefixes(pair.poisoned, pair.poisoned.encode(trig_recs), targets, prefix, max_new_tokens,
+                               [r.answer for r in trig_recs])
     both = scored(handle, clean_recs + trig_recs, targets * 2, prefixes * 2, metric)
     k = len(trig_recs)
     return Contrast(handle, both.rows(range(k)), both.rows(range(k, 2 * k)), prefixes)
