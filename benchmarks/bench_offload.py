@@ -86,13 +86,12 @@ def measure(model, processor, batch: int, repeats: int) -> dict:
 
     from projlens_mi.engine import run
     from projlens_mi.model.handle import ModelHandle
-    from projlens_mi.model.placement import PlacedNNsight, wrap
+    from projlens_mi.model.placement import PlacedNNsight
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(batch)]
     h = ModelHandle(model, processor)
-    if not isinstance(h.envoy, PlacedNNsight):  # until ModelHandle.envoy uses placement.wrap itself
-        h._envoy = wrap(model)
+    assert isinstance(h.envoy, PlacedNNsight)  # the handle's wrapper is placement-aware
     inputs = h.encode((images, [PROMPT] * batch))
     kwargs = inputs.model_kwargs()
     env = h.envoy

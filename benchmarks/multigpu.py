@@ -131,7 +131,7 @@ def measure(folder: Path, spec: dict, args, dtype, workdir: Path) -> tuple[dict,
     from projlens_mi.engine import Patch, Site, run
     from projlens_mi.model.handle import ModelHandle
     from projlens_mi.model.load import load_checkpoint
-    from projlens_mi.model.placement import PlacedNNsight, execution_device, wrap
+    from projlens_mi.model.placement import PlacedNNsight, execution_device
 
     gpu = not args.cpu_check
     devs = list(range(torch.cuda.device_count())) if gpu else []
@@ -146,8 +146,7 @@ def measure(folder: Path, spec: dict, args, dtype, workdir: Path) -> tuple[dict,
     model, processor, prov = load_checkpoint(folder, dtype=dtype, **kw)
     load_s = time.perf_counter() - t0
     h = ModelHandle(model, processor, provenance=prov)
-    if not isinstance(h.envoy, PlacedNNsight):  # until ModelHandle.envoy uses placement.wrap itself
-        h._envoy = wrap(model)
+    assert isinstance(h.envoy, PlacedNNsight)  # the handle's wrapper is placement-aware
     after_load = memory(devs) if gpu else {}
     n = h.n_layers
     early, late = 1, n - 2
