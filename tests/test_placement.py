@@ -150,13 +150,7 @@ def test_placed_model_gives_in_memory_numbers(placement, folder, inputs, basis, 
     assert input_device(h.model) == torch.device("cpu") and h.device == torch.device("cpu")
     before = {n: weight_of(m, "weight") for n, m in h.model.named_modules() if hasattr(m, "weight")
               and isinstance(getattr(m, "weight"), torch.Tensor)}
-    try:
-        got = _suite(h, inputs, basis, injection, cached_source=expected["read:llm.1.resid_post"])
-    except NotImplementedError as exc:  # pragma: no cover - until the engine takes placement into account
-        if "meta tensor" not in str(exc):
-            raise
-        pytest.xfail("engine not placement-aware yet: ModelHandle.envoy must be placement.wrap(model) and "
-                     "WithWeights' kept bias must be read with placement.weight_of (see docs/scaling.md)")
+    got = _suite(h, inputs, basis, injection, cached_source=expected["read:llm.1.resid_post"])
     assert got.keys() == expected.keys()
     assert expected["generate"] != expected["generate_edited"]
     assert len([k for k in got if k.startswith("read:")]) == len(POINTS)
@@ -199,9 +193,8 @@ TP_WORKER = Path(__file__).with_name("tp_worker.py")
 def test_tensor_parallel_two_ranks(folder, reference, tmp_path):
     from projlens_mi.model.placement import PlacedNNsight
 
-    if not isinstance(reference.envoy, PlacedNNsight):  # pragma: no cover - until the engine change lands
-        pytest.xfail("engine not placement-aware yet: ModelHandle.envoy must be placement.wrap(model), which adds "
-                     "nnsight's TPFragments on a sharded model (without it: 'got mixed torch.Tensor and DTensor')")
+    # the handle's wrapper adds nnsight's TPFragments on a sharded model (without: 'mixed torch.Tensor and DTensor')
+    assert isinstance(reference.envoy, PlacedNNsight)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun, "torchrun not found next to the interpreter"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -247,8 +240,6 @@ def test_placement_helpers_on_a_plain_model(reference):
 def test_analyses_rank_k_injection_on_placed_models(folder, reference, inputs, tmp_path):
     """The injection analysis' cells (W_ref + top-k(ΔW), FT bias) as WithWeights edits on a placed model."""
     from projlens_mi.analyses import common, injection
-    from projlens_mi.errors import ProjLensError
-
     ref = common.weights(reference)
     g = torch.Generator().manual_seed(2)
     ft = {p: (W + 0.05 * torch.randn(W.shape, generator=g, dtype=torch.float64), b) for p, (W, b) in ref.items()}
@@ -258,16 +249,7 @@ def test_analyses_rank_k_injection_on_placed_models(folder, reference, inputs, t
     assert not torch.equal(want[0], want[1])
     for placement in ("all_on_disk", "cpu_offload_hooks"):
         h = PLACEMENTS[placement](folder, tmp_path / placement)
-        try:
-            got = [run(h, inputs, edits=[WithWeights(injection.to_model(h, c))]).logits for c in cells]
-        except NotImplementedError as exc:  # pragma: no cover - until the engine takes placement into account
-            if "meta tensor" not in str(exc):
-                raise
-            pytest.xfail("engine not placement-aware yet: ModelHandle.envoy must be placement.wrap(model)")
+        got = [run(h, inputs, edits=[WithWeights(injection.to_model(h, c))]).logits for c in cells]
         assert all(torch.equal(a, b) for a, b in zip(got, want)), placement
-        try:  # the analyses read the projector's own weights from the placed model too
-            mine = common.weights(h)
-        except ProjLensError as exc:  # pragma: no cover - until analyses.common.weights uses placement.weight_of
-            pytest.xfail(f"analyses.common.weights refuses an offloaded projector ({exc}); read it with "
-                         "projlens_mi.model.placement.weight_of")
+        mine = common.weights(h)  # the analyses read the projector's own weights from the placed model too
         assert all(torch.equal(mine[p][0], ref[p][0]) and torch.equal(mine[p][1], ref[p][1]) for p in ref)
