@@ -10,6 +10,7 @@ image-blind), and a near-linear contrast (attribution patching must agree with r
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -206,6 +207,7 @@ def test_patching_result_round_trips_and_renders(tiny, tmp_path):
     _, _, _, pair = tiny
     res = patching(pair, PatchingParams(**FAST, windows=2, layers=(0,)))
     save_result(res, tmp_path / "r.json")
+    json.dumps(res.metrics(), allow_nan=False)   # metrics.json: NaN -> null
     back = load_result(tmp_path / "r.json")
     np.testing.assert_array_equal(back.effect, res.effect)
     assert back.summary() == res.summary() and "denoising" in res.summary()
@@ -290,6 +292,7 @@ def test_ablation_result_round_trips_and_renders(tiny, tmp_path):
     assert set(res.baseline) == {"target", "clean", "asr", "accuracy"}
     assert np.isfinite(res.asr).all() and ((res.asr >= 0) & (res.asr <= 1)).all()
     save_result(res, tmp_path / "a.json")
+    json.dumps(res.metrics(), allow_nan=False)   # metrics.json: NaN -> null
     back = load_result(tmp_path / "a.json")
     assert isinstance(back, AblationResult)
     np.testing.assert_array_equal(back.target, res.target)
@@ -362,6 +365,7 @@ def test_tracing_result_round_trips(tiny, tmp_path):
     _, _, _, pair = tiny
     res = tracing(pair, TracingParams(**FAST, windows=2, layers=(0,), placebo_seeds=(0,), direction="mean_diff"))
     save_result(res, tmp_path / "t.json")
+    json.dumps(res.metrics(), allow_nan=False)   # metrics.json: NaN -> null
     back = load_result(tmp_path / "t.json")
     np.testing.assert_array_equal(back.restored, res.restored)
     assert back.summary() == res.summary()
@@ -507,6 +511,7 @@ def test_causal_analyses_run_on_the_small_organism(small_organism, variant, tmp_
     n_layers = pair.poisoned.n_layers
     for res in results:
         save_result(res, tmp_path / "r.json")
+        json.dumps(res.metrics(), allow_nan=False)   # metrics.json: NaN -> null
         assert load_result(tmp_path / "r.json").summary() == res.summary() != ""
         assert res.plot() is not None and len(res.to_frame()) > 0
         assert res.variant == variant

@@ -289,6 +289,19 @@ def unembed_direction(handle: ModelHandle, c: Contrast) -> Float[Tensor, " d"]:
     return (v / v.norm().clamp_min(1e-12)).float()
 
 
+def jsonable(v):
+    """``metrics()`` values for metrics.json: NaN becomes ``None`` ("not measured"), numpy scalars plain."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, (np.floating, float)):
+        return None if not np.isfinite(v) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
 def weak_backdoor(metric: str, triggered: float, threshold: float = 0.05) -> str:
     """A sentence for the summary when the target is unlikely even on triggered inputs, else ``""``."""
     p = float(np.exp(triggered)) if metric == "logprob" else float(triggered)

@@ -152,6 +152,9 @@ class AblationResult(Result):
         return self.target[b, :, s], self.clean[b, :, s]
 
     def metrics(self) -> dict:
+        return C.jsonable(self._metrics())
+
+    def _metrics(self) -> dict:
         out = {"baseline": dict(self.baseline), "ks": list(self.ks)}
         for name in self.bases:
             t, c = self._at(name)

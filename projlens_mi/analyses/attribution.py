@@ -19,7 +19,6 @@ probability patch poor; both estimate and real patching use the same metric.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,7 +75,7 @@ class AttributionResult(Result):
     top_k_overlap: float = float("nan")   # |top-k(estimate) ∩ top-k(actual)| / k, over all cells
     clean_mean: float = float("nan")
     triggered_mean: float = float("nan")
-    seconds: dict = field(default_factory=dict)   # wall seconds: attribution, patching
+    cost: dict = field(default_factory=dict)      # model rows run: attribution (forward + backward), patching (forward)
     table: pd.DataFrame = None        # per input: direction, site, window, input, estimate (Δ metric)
     metric: str = "logprob"
     model: str = "poisoned"
@@ -124,21 +123,24 @@ class AttributionResult(Result):
             C.mark_empty(ax, self.estimate[a])
             fig.colorbar(im, ax=ax, label="estimated normalised effect")
         fig.suptitle(f"Attribution patching {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n}); "
-                     f"{self.seconds.get('attribution', np.nan):.2g} s vs {self.seconds.get('patching', np.nan):.2g} s for real patching",
+                     f"{self.cost.get('attribution', 0)} vs {self.cost.get('patching', 0)} model rows for real patching",
                      fontsize=10)
         return fig
 
     def metrics(self) -> dict:
+        return C.jsonable(self._metrics())
+
+    def _metrics(self) -> dict:
         return {"spearman": self.spearman, "spearman_by_direction": dict(self.spearman_by_direction),
                 "pearson": self.pearson, "top_k": self.top_k, "top_k_overlap": self.top_k_overlap,
-                "seconds": dict(self.seconds), "clean_mean": self.clean_mean, "triggered_mean": self.triggered_mean}
+                "cost": dict(self.cost), "clean_mean": self.clean_mean, "triggered_mean": self.triggered_mean}
 
     def summary(self) -> str:
-        s = self.seconds
+        cost = self.cost
         head = (f"**Attribution patching** ({self.variant}, {self.model} model, {self.n} pairs, metric "
                 f"{C.METRIC_LABEL[self.metric]}, clean {self.clean_mean:.3g} vs triggered {self.triggered_mean:.3g}): ")
         if not np.isfinite(self.actual).any():
-            return head + f"estimates only ({s.get('attribution', float('nan')):.2g} s); real patching was not run for comparison."
+            return head + f"estimates only ({cost.get('attribution', 0)} model rows); real patching was not run for comparison."
         if note := C.weak_backdoor(self.metric, self.triggered_mean):
             head += note + " "
         by = ", ".join(f"{d} {v:.2f}" for d, v in self.spearman_by_direction.items())
@@ -146,9 +148,8 @@ class AttributionResult(Result):
                    else "not a reliable substitute for real patching here")
         return head + (f"the gradient estimates rank the {np.isfinite(self.actual).sum()} cells with Spearman "
                        f"{self.spearman:.2f} against real patching ({by}; Pearson {self.pearson:.2f}) and share "
-                       f"{self.top_k_overlap:.0%} of the top-{self.top_k} cells, so they are {quality}. They took "
-                       f"{s.get('attribution', float('nan')):.2g} s against {s.get('patching', float('nan')):.2g} s for real patching.")
-
+                       f"{self.top_k_overlap:.0%} of the top-{self.top_k} cells, so they are {quality}. They cost "
+                       f"{cost.get('attribution', 0)} model rows (forward and backward) against {cost.get('patching', 0)} for real patching.")
 
 def attribution_grid(c: C.Contrast, points, wins, directions=DIRECTIONS) -> pd.DataFrame:
     """Per-input first-order estimate of Δmetric for every (direction, site, window):
@@ -195,9 +196,8 @@ def attribution(pair: Pair, params: AttributionParams = AttributionParams()) -> 
     names, dirs = list(wins), list(p.directions)
     clean_mean = float(C.score_of(c.handle, c.clean).mean())
     trig_mean = float(C.score_of(c.handle, c.triggered).mean())
-    t0 = time.perf_counter()
     table = attribution_grid(c, points, wins, dirs)
-    seconds = {"attribution": time.perf_counter() - t0}
+    cost = {"attribution": 2 * len(dirs) * c.n}   # per direction: one run with gradients, one plain run
     shape = (len(dirs), len(points), len(names))
     est = np.full(shape, np.nan)
     for (d, site, win), g in table.groupby(["direction", "site", "window"]):
@@ -209,11 +209,10 @@ def attribution(pair: Pair, params: AttributionParams = AttributionParams()) -> 
     rho = pear = overlap = float("nan")
     by = {}
     if p.compare:
-        t0 = time.perf_counter()
         real = patch_grid(c, points, wins, tuple(dirs), batch_size=p.batch_size, progress=p.progress)
-        seconds["patching"] = time.perf_counter() - t0
+        cost["patching"] = len(real) + 2 * c.n   # one row per (cell, input), plus the two cached runs
         actual, _ = effects(real, points, names, dirs, clean_mean, trig_mean)
         rho, pear, overlap = agreement(est, actual, p.top_k)
         by = {d: agreement(est[a], actual[a], p.top_k)[0] for a, d in enumerate(dirs)}
     return AttributionResult(points, names, dirs, est, actual, rho, by, pear, p.top_k, overlap, clean_mean, trig_mean,
-                             seconds, table, p.metric, p.model, c.n, pair.name)
+                             cost, table, p.metric, p.model, c.n, pair.name)

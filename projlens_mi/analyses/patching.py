@@ -118,6 +118,9 @@ class PatchingResult(Result):
         return float(self.effect[self.directions.index(direction), self.sites.index(site), self.windows.index(window)])
 
     def metrics(self) -> dict:
+        return C.jsonable(self._metrics())
+
+    def _metrics(self) -> dict:
         out = {"clean_mean": self.clean_mean, "triggered_mean": self.triggered_mean, "n": self.n}
         for d in self.directions:
             if "image" in self.windows:

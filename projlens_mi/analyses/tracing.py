@@ -124,6 +124,9 @@ class TracingResult(Result):
                                    self.windows.index(window)])
 
     def metrics(self) -> dict:
+        return C.jsonable(self._metrics())
+
+    def _metrics(self) -> dict:
         out = {"baselines": self.baselines, "direction": self.direction}
         for cor in self.corruptions:
             a = self.corruptions.index(cor)

@@ -198,10 +198,11 @@ def evaluation_figure(metrics: dict):
                 e = metrics["pairs"][p]
                 v = e.get(k) if model == "poisoned" else e["reference"].get(model, {}).get(k)
                 vals.append(np.nan if v is None else v)
-            ax.bar(x + (j - 1) * width, vals, width, label=model, color=colour)
+            bars = ax.bar(x + (j - 1) * width, vals, width, label=model, color=colour)
+            ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}" for v in vals], fontsize=6, padding=1)
         ax.set_title(label)
         ax.set_xticks(x, pairs, rotation=20, ha="right", fontsize=8)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.12)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("fraction of inputs")
     axes[-1].legend(loc="upper right", fontsize=8)

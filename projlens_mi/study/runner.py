@@ -304,12 +304,16 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
             from ..organism.build import build
             t0 = time.perf_counter()
             try:
+                prev = json.loads((Path(cfg.model.organism) / "organism.json").read_text()).get("key")
+            except (OSError, ValueError):
+                prev = None
+            try:
                 summary = build(cfg.model.organism, organism_config(cfg), log=log)
             except ProjLensError:
                 bar.close()
                 raise
             outcome.seconds[s.id] = time.perf_counter() - t0
-            outcome.status[s.id] = "cached" if outcome.seconds[s.id] < 30 and "key" in summary else "computed"
+            outcome.status[s.id] = "cached" if prev == summary.get("key") else "computed"
             bar.update(1)
             continue
         if store.has(s.key):
