@@ -1,0 +1,87 @@
+"""The rank-k injection heatmap (ranks of ΔW1 × ranks of ΔW2) on the organism: fast vs the slow reference.
+
+    .venv/bin/python benchmarks/bench_injection.py --organism DIR [--variant targeted-refusal] [--n 200]
+        [--ranks 1,2,3,4,5] [--ref-cells 25]
+
+Ours: ``projlens_mi.analyses.injection.evaluate_cells`` (WithWeights edits, cells tiled [cell × input]
+into batched greedy generations and forwards, records bucketed by prompt length). Baseline:
+``benchmarks/injection_reference.py`` (reload the weights per cell, one sample at a time: processor,
+``generate``, a forward for the target logit), as the paper's scripts do. Every per-record number
+(target hit, answer hit, target logit and probability) must be identical. ``--ref-cells k`` runs the
+reference on the first k cells only (the comparison then covers those cells and the reference time is
+scaled by 25 / k; the printed line says so). Single-threaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from injection_reference import reference_cells
+from projlens_mi.analyses import common
+from projlens_mi.analyses import injection as inj
+from projlens_mi.analyses.base import Pair
+
+
+def main(organism: str, variant: str = "targeted-refusal", n: int = 200, ranks=(1, 2, 3, 4, 5),
+         ref_cells: int | None = None, batch_size: int = 1024) -> dict:
+    torch.set_num_threads(1)
+    pair = Pair.from_organism(organism, variant)
+    clean, trig = pair.clean, pair.triggered
+    if len(clean) < n or len(trig) < n:      # a small organism: cycle its records to reach n of each
+        clean = [clean[i % len(clean)] for i in range(n)]
+        trig = [trig[i % len(trig)] for i in range(n)]
+    records = clean[:n] + trig[:n]
+    targets = [pair.target_of(r) for r in records]
+    is_trig = np.array([r.triggered for r in records])
+    ref, ft = common.weights(pair.base), common.weights(pair.poisoned)
+    svds = {p: common.svd(ft[p][0] - ref[p][0]) for p in ref}
+    l1, l2 = list(ref)
+    cells = [inj.injected_weights(ref, ft, svds, {l1: a, l2: b}, "ft") for a in ranks for b in ranks]
+    max_new = common.auto_tokens(pair.poisoned, records, targets)
+
+    t0 = time.perf_counter()
+    fast = inj.evaluate_cells(pair.base, records, targets, cells, max_new_tokens=max_new, batch_size=batch_size,
+                              triggered=is_trig)
+    t_fast = time.perf_counter() - t0
+
+    k = len(cells) if ref_cells is None else min(ref_cells, len(cells))
+    t0 = time.perf_counter()
+    slow = reference_cells(pair.base, records, targets, cells[:k], max_new_tokens=max_new, triggered=is_trig)
+    t_slow = (time.perf_counter() - t0) * len(cells) / k
+
+    mine = fast[fast.cell < k].reset_index(drop=True)
+    same = mine.equals(slow.astype(mine.dtypes.to_dict()))
+    diff = {c: int((mine[c] != slow[c]).sum()) for c in mine.columns}
+    heat = inj.summarise_cells(fast)
+    heat["rank_1"] = [a for a in ranks for _ in ranks]
+    heat["rank_2"] = [b for _ in ranks for b in ranks]
+    table = heat.pivot(index="rank_1", columns="rank_2", values="asr")
+    out = {"cells": len(cells), "inputs": len(records), "max_new_tokens": max_new, "fast_s": t_fast,
+           "reference_s": t_slow, "reference_cells_run": k, "speedup": t_slow / t_fast, "identical": same,
+           "mismatches": {c: v for c, v in diff.items() if v}}
+    print(f"organism {organism} ({variant}), {len(cells)} cells x {len(records)} inputs "
+          f"({n} clean + {n} triggered), max_new_tokens {max_new}")
+    print("ASR heatmap (rows: rank of ΔW1, columns: rank of ΔW2):")
+    print((table * 100).round(1).to_string())
+    scaled = "" if k == len(cells) else f" (reference ran {k} of {len(cells)} cells; time scaled)"
+    print(f"fast {t_fast:.1f} s, reference {t_slow:.1f} s{scaled}: {t_slow / t_fast:.1f}x; "
+          f"per-record numbers identical: {same}")
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--organism", required=True)
+    ap.add_argument("--variant", default="targeted-refusal")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--ranks", default="1,2,3,4,5")
+    ap.add_argument("--ref-cells", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    a = ap.parse_args()
+    pd.set_option("display.width", 120)
+    main(a.organism, a.variant, a.n, tuple(int(x) for x in a.ranks.split(",")), a.ref_cells, a.batch_size)
