@@ -22,6 +22,7 @@ from projlens_mi.engine import (ImageTokens, ImageWindow, LastToken, Patch, Patc
                                 WithWeights, run)
 from projlens_mi.engine.metrics import generate, target_logprob
 from projlens_mi.engine.sweep import sweep
+from projlens_mi.model import load
 from projlens_mi.model.handle import ModelHandle
 from projlens_mi.model.load import load_checkpoint
 from projlens_mi.model.placement import input_device, is_dispatched, weight_of
@@ -117,7 +118,8 @@ def _disk(folder, tmp):
 
 PLACEMENTS = {
     # the first module the forward runs (the vision tower) lives on disk
-    "first_module_on_disk": lambda folder, tmp: _handle(*load_checkpoint(folder, **_disk(folder, tmp))),
+    # (through the public entry point projlens_mi.model.load)
+    "first_module_on_disk": lambda folder, tmp: load(folder, **_disk(folder, tmp)),
     # every module offloaded to disk, weights streamed in per module
     "all_on_disk": lambda folder, tmp: _handle(*load_checkpoint(folder, device_map={"": "disk"},
                                                                 offload_folder=tmp)),
@@ -148,6 +150,8 @@ def test_placed_model_gives_in_memory_numbers(placement, folder, inputs, basis, 
     assert is_dispatched(h.model)
     assert any(p.device.type == "meta" for p in h.model.parameters())  # really offloaded
     assert input_device(h.model) == torch.device("cpu") and h.device == torch.device("cpu")
+    if not placement.endswith("_hooks"):  # loaded from the folder with a device map: the placement is recorded
+        assert "disk" in h.provenance["device_map"].values()
     before = {n: weight_of(m, "weight") for n, m in h.model.named_modules() if hasattr(m, "weight")
               and isinstance(getattr(m, "weight"), torch.Tensor)}
     got = _suite(h, inputs, basis, injection, cached_source=expected["read:llm.1.resid_post"])
