@@ -45,14 +45,14 @@ class InjectionParams:
     generation length for ASR (the paper: 30; None = the longest reference answer plus the target, +1, capped at 30); ``batch_size``: rows per
     pass (cells × inputs)."""
 
-    ranks_1: tuple[int, ...] = (0, 1, 2, 3, 5)
-    ranks_2: tuple[int, ...] = (0, 1, 2, 3, 5)
+    ranks_1: tuple[int, ...] = (0, 1, 2, 4)
+    ranks_2: tuple[int, ...] = (0, 1, 2, 4)
     bias: str = "ft"
     removals: tuple[str, ...] = ("1", "1-2", "1-5", "2-10")
     remove_layer: str | None = None          # None = the last projector linear
     placebo_seeds: int = 1
     references: tuple[str, ...] = ("base", "control")
-    n: int | None = 40
+    n: int | None = 30
     max_new_tokens: int | None = None        # None: longest answer + target (+1), at most 30
     batch_size: int = 1024
 

@@ -41,11 +41,11 @@ class NeuronParams:
     cumulative ablation; ``top_m``: cumulative ablation sizes; ``seed``: the random-unit placebo;
     ``max_new_tokens``: None = longest answer + target (+1), at most 30."""
 
-    n: int | None = 200
+    n: int | None = 100
     quiet: float = 0.05
     min_gain: float = 0.2
     scan_units: int = 256
-    n_scan: int = 30
+    n_scan: int = 16
     top_m: tuple[int, ...] = (1, 2, 4, 8, 16)
     seed: int = 0
     max_new_tokens: int | None = None

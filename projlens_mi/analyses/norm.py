@@ -36,11 +36,11 @@ class NormParams:
     ``alphas``: feature scales of the causal test; ``n_alpha``: clean inputs in it; ``max_new_tokens``:
     None = longest answer + target (+1), at most 30."""
 
-    n: int | None = 200
+    n: int | None = 100
     n_boot: int = 1000
     ci: float = 0.95
     alphas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
-    n_alpha: int = 40
+    n_alpha: int = 30
     seed: int = 0
     max_new_tokens: int | None = None
     batch_size: int = 256

@@ -30,7 +30,7 @@ class ProbeParams:
     """``n``: clean and triggered records each; ``hidden``: MLP hidden width; ``test_size``: held-out share;
     ``splits``: random (group) splits; ``max_iter``: L-BFGS iterations of the MLP."""
 
-    n: int | None = 200
+    n: int | None = 100
     hidden: int = 64
     test_size: float = 0.3
     splits: int = 3

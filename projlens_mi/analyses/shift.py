@@ -38,7 +38,7 @@ class ShiftParams:
     logit-lens tokens listed; ``n_random``: random directions for the chance rank; ``examples``: example
     images per condition in the maps."""
 
-    n: int | None = 200
+    n: int | None = 100
     k_max: int = 5
     top_tokens: int = 10
     n_random: int = 200
