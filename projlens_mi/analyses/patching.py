@@ -91,14 +91,15 @@ class PatchingResult(Result):
             im = ax.imshow(np.ma.masked_invalid(self.effect[a]), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
             ax.set_xticks(range(len(self.windows)), self.windows, rotation=45, ha="right")
             ax.set_yticks(range(len(self.sites)), self.sites)
-            ax.set_xlabel("image-token window (token indices) / all image tokens / last prompt token")
+            ax.set_xlabel("token window: image tokens i-j / all image / last prompt", fontsize=8)
             ax.set_ylabel("site")
             ax.set_title(label[d], fontsize=9)
             for s in range(len(self.sites)):
                 for w in range(len(self.windows)):
                     v = self.effect[a, s, w]
                     if np.isfinite(v):
-                        ax.text(w, s, f"{v:.2f}", ha="center", va="center", fontsize=7)
+                        ax.text(w, s, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if abs(v) > 0.6 else "black")
             C.mark_empty(ax, self.effect[a])
             fig.colorbar(im, ax=ax, label="normalised effect (fraction of the backdoor)")
         fig.suptitle(f"Activation patching {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n}): "
