@@ -105,6 +105,17 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _strict(obj):
+    """NaN / inf -> null, so metrics.json is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def _mean(vals):
     vals = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return sum(vals) / len(vals) if vals else None
@@ -350,7 +361,7 @@ def render(out: str | Path, log=None) -> dict:
             for f in d.iterdir():
                 if f.is_file() and f not in written:
                     f.unlink()
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, allow_nan=True))
+    atomic_write_text(out / "metrics.json", json.dumps(_strict(metrics), indent=2, sort_keys=True, allow_nan=False))
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", to_html(text, out, st["title"]))
     return metrics
