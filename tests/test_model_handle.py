@@ -128,3 +128,14 @@ def test_inputs_cat_re_pads_and_runs_like_separate_batches(tiny):
     assert torch.allclose(joint[:2, -1], run(h, a).logits[:, -1], atol=1e-5)
     with pytest.raises(ProjLensError, match="needs an Inputs batch"):
         run(h, a.model_kwargs())
+
+
+def test_package_imports_after_nnsight():
+    """nnsight mounts .save() on every object, which breaks a later `import beartype`; importing
+    projlens_mi after nnsight must still work."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import nnsight, projlens_mi; print(projlens_mi.Site('llm.0.resid_pre'))"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert "Site('llm.0.resid_pre')" in out.stdout
