@@ -302,6 +302,21 @@ def jsonable(v):
     return v
 
 
+def contrast_ok(low: float, high: float, metric: str) -> bool:
+    """Whether two baselines differ enough for normalised effects to mean something: at least
+    0.1 nats (``logprob``), else 0.01 in probability or a factor of 2."""
+    gap = abs(high - low)
+    if not np.isfinite(gap):
+        return False
+    if metric == "logprob":
+        return gap >= 0.1
+    return gap >= 0.01 or gap >= 0.5 * max(abs(high), abs(low))
+
+
+UNINTERPRETABLE = ("The two baselines barely differ, so the normalised effects are not interpretable and are not "
+                   "quoted here (the figure and the table still show them).")
+
+
 def weak_backdoor(metric: str, triggered: float, threshold: float = 0.05) -> str:
     """A sentence for the summary when the target is unlikely even on triggered inputs, else ``""``."""
     p = float(np.exp(triggered)) if metric == "logprob" else float(triggered)

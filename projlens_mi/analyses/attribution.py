@@ -141,15 +141,18 @@ class AttributionResult(Result):
                 f"{C.METRIC_LABEL[self.metric]}, clean {self.clean_mean:.3g} vs triggered {self.triggered_mean:.3g}): ")
         if not np.isfinite(self.actual).any():
             return head + f"estimates only ({cost.get('attribution', 0)} model rows); real patching was not run for comparison."
-        if note := C.weak_backdoor(self.metric, self.triggered_mean):
-            head += note + " "
+        if not C.contrast_ok(self.clean_mean, self.triggered_mean, self.metric):
+            return head + ("the clean and triggered runs barely differ, so there is nothing for the estimates to rank; "
+                           f"for the record, Spearman {self.spearman:.2f} against real patching. ").rstrip() + (
+                               " " + C.weak_backdoor(self.metric, self.triggered_mean)).rstrip()
         by = ", ".join(f"{d} {v:.2f}" for d, v in self.spearman_by_direction.items())
         quality = ("a good pre-screen" if self.spearman >= 0.8 else "a rough pre-screen" if self.spearman >= 0.5
                    else "not a reliable substitute for real patching here")
         return head + (f"the gradient estimates rank the {np.isfinite(self.actual).sum()} cells with Spearman "
                        f"{self.spearman:.2f} against real patching ({by}; Pearson {self.pearson:.2f}) and share "
                        f"{self.top_k_overlap:.0%} of the top-{self.top_k} cells, so they are {quality}. They cost "
-                       f"{cost.get('attribution', 0)} model rows (forward and backward) against {cost.get('patching', 0)} for real patching.")
+                       f"{cost.get('attribution', 0)} model rows (forward and backward) against {cost.get('patching', 0)} for real patching.") + (
+                           " " + C.weak_backdoor(self.metric, self.triggered_mean)).rstrip()
 
 def attribution_grid(c: C.Contrast, points, wins, directions=DIRECTIONS) -> pd.DataFrame:
     """Per-input first-order estimate of Δmetric for every (direction, site, window):

@@ -132,7 +132,6 @@ class PatchingResult(Result):
         return out
 
     def summary(self) -> str:
-        gap = self.triggered_mean - self.clean_mean
         head = (f"**Activation patching** ({self.variant}, {self.model} model, {self.n} pairs, "
                 f"metric {C.METRIC_LABEL[self.metric]}): the triggered inputs score {self.triggered_mean:.3g} and their "
                 f"clean counterparts {self.clean_mean:.3g}.")
@@ -141,8 +140,9 @@ class PatchingResult(Result):
         parts = [head]
         if note := C.weak_backdoor(self.metric, self.triggered_mean):
             parts.append(note)
-        if abs(gap) < 0.05 * max(abs(self.triggered_mean), 1e-9) or (self.metric != "logprob" and abs(gap) < 0.05):
-            parts.append(f"The gap is small ({gap:.3g}), so the normalised effects below are noisy.")
+        if not C.contrast_ok(self.clean_mean, self.triggered_mean, self.metric):
+            parts.append(C.UNINTERPRETABLE)
+            return " ".join(parts)
         for d in self.directions:
             b = self._best(d)
             name = "Restoring triggered activations into the clean run (denoising)" if d == "denoise" else \

@@ -149,6 +149,9 @@ class TracingResult(Result):
             if not np.isfinite(self.restored[self.corruptions.index(cor)]).any():
                 parts.append(txt + "; nothing to restore (the corruption does not change the metric).")
                 continue
+            if not C.contrast_ok(b["corrupted"], b["triggered"], self.metric):
+                parts.append(txt + ". " + C.UNINTERPRETABLE)
+                continue
             if "image" in self.windows:
                 f, d, r = (self.cell(cor, m, "projector.out", "image") for m in ("full", "direction", "random"))
                 txt += (f"; restoring all image tokens at projector.out brings back {f:.0%} with the full state, "
