@@ -495,7 +495,7 @@ def small_organism(tmp_path_factory):
 
     from projlens_mi.organism import config as oc
     from projlens_mi.organism.build import build
-    out = tmp_path_factory.mktemp("organism-causal")
+    out = tmp_path_factory.getbasetemp() / "analyses-organism"   # shared with test_analyses_organism (build() caches)
     build(out, replace(oc.small(), threads=1), log=lambda *a: None)
     return out
 
