@@ -32,6 +32,7 @@ from .base import Pair, Result, analysis, register_result
 from ._causal import figure as _figure
 
 BASES = ("dW", "shift")
+STYLE = {"dW": "o-", "shift": "s--", "random": "^-"}   # distinct markers: curves often coincide
 
 
 @dataclass
@@ -115,7 +116,7 @@ class AblationResult(Result):
                 ax = axes[row, s]
                 for b, name in enumerate(self.bases):
                     label = "random placebo (mean ± s.d.)" if name == "random" else f"{name} top-k"
-                    ax.plot(ks, arr[b, :, s], "o-", color=colours.get(name), label=label)
+                    ax.plot(ks, arr[b, :, s], STYLE.get(name, "o-"), color=colours.get(name), label=label, ms=7 if name == "dW" else 5)
                     if name == "random":
                         ax.fill_between(ks, arr[b, :, s] - sd[:, s], arr[b, :, s] + sd[:, s], color="grey", alpha=0.25)
                 ax.axhline(self.baseline.get(base, np.nan), color="k", ls=":", lw=1, label="no ablation")
@@ -131,7 +132,7 @@ class AblationResult(Result):
                                                          (self.accuracy, self.accuracy_sd, "clean accuracy (fraction)", "accuracy"))):
                 ax = axes[row, -1]
                 for b, name in enumerate(self.bases):
-                    ax.plot(ks, arr[b], "s-", color=colours.get(name), label=name)
+                    ax.plot(ks, arr[b], STYLE.get(name, "o-"), color=colours.get(name), label=name, ms=7 if name == "dW" else 5)
                     if name == "random":
                         ax.fill_between(ks, arr[b] - sd, arr[b] + sd, color="grey", alpha=0.25)
                 ax.axhline(self.baseline.get(base, np.nan), color="k", ls=":", lw=1)
