@@ -85,6 +85,7 @@ def test_injection_rank_2_reproduces_the_ft_model(planted, tmp_path):
     """Injecting the top 2 of the planted ΔW2 gives the FT model's numbers; rank 1 does not."""
     p = inj.InjectionParams(ranks_1=(0,), ranks_2=(0, 1, 2, 3), removals=("1", "1-2"), placebo_seeds=1,
                             references=("base",), n=4, max_new_tokens=4, batch_size=64)
+    before = [linear(m.model, "linear_2").weight.clone() for m in (planted.base, planted.poisoned)]
     r = inj.injection(planted, p)
     c = r.cells
     ft = c[c.kind == "ft_model"].iloc[0]
@@ -98,7 +99,7 @@ def test_injection_rank_2_reproduces_the_ft_model(planted, tmp_path):
     assert rem.target_logit == pytest.approx(base.target_logit, abs=1e-4)
     assert set(c[c.kind == "placebo"].removal) == {"1", "1-2"}
     # the caller's models are untouched
-    assert torch.equal(linear(planted.base.model, "linear_2").weight, linear(planted.base.model, "linear_2").weight)
+    assert all(torch.equal(b, linear(m.model, "linear_2").weight) for b, m in zip(before, (planted.base, planted.poisoned)))
     save_result(r, tmp_path / "i.json")
     back = load_result(tmp_path / "i.json")
     pd.testing.assert_frame_equal(back.heatmap(), r.heatmap(), check_dtype=False)
