@@ -160,6 +160,8 @@ class Contrast:
     clean: Scored
     triggered: Scored
     prefixes: list[str]
+    clean_records: list[Record]       # the clean counterparts (triggered prompt, untriggered image)
+    triggered_records: list[Record]
 
     @property
     def n(self) -> int:
@@ -179,7 +181,7 @@ def contrast(pair: Pair, which: str, n: int | None, metric: str, prefix: str = "
                                [r.answer for r in trig_recs])
     both = scored(handle, clean_recs + trig_recs, targets * 2, prefixes * 2, metric)
     k = len(trig_recs)
-    return Contrast(handle, both.rows(range(k)), both.rows(range(k, 2 * k)), prefixes)
+    return Contrast(handle, both.rows(range(k)), both.rows(range(k, 2 * k)), prefixes, clean_recs, trig_recs)
 
 
 def score_of(handle: ModelHandle, s: Scored, edits=()) -> Float[Tensor, " n"]:

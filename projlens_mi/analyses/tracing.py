@@ -164,10 +164,11 @@ class TracingResult(Result):
         return " ".join(parts)
 
 
-def traced_direction(pair: Pair, c: C.Contrast, clean_recs, trig_recs, kind: str) -> torch.Tensor:
+def traced_direction(pair: Pair, c: C.Contrast, kind: str) -> torch.Tensor:
+    """The unit direction ``kind`` (``shift`` | ``mean_diff`` | ``unembed``) for the contrast ``c``."""
     C.check_choice("direction", kind, DIRECTIONS)
     if kind == "shift":
-        return C.shift_basis(pair, clean_recs + trig_recs, 1)[:, 0]
+        return C.shift_basis(pair, c.clean_records + c.triggered_records, 1)[:, 0]
     if kind == "mean_diff":
         return C.mean_diff_direction(c.handle, c)
     return C.unembed_direction(c.handle, c)
@@ -213,8 +214,7 @@ def tracing(pair: Pair, params: TracingParams = TracingParams()) -> TracingResul
     if not p.corruptions:
         raise ProjLensError("corruptions is empty; choose 'clean' and/or 'noise'")
     c = C.contrast(pair, p.model, p.n, p.metric, p.prefix, p.max_new_tokens)
-    clean_recs, trig_recs = C.matched_records(pair, p.n)
-    v = traced_direction(pair, c, clean_recs, trig_recs, p.direction)
+    v = traced_direction(pair, c, p.direction)
     points = C.site_points(c.handle, p.layers)
     wins = C.windows(c.n_image_tokens, p.windows, ("image", "last") if p.last_token else ("image",))
     trig_mean = float(C.score_of(c.handle, c.triggered).mean())
