@@ -221,7 +221,7 @@ class InjectionResult(Result):
             a.set_xticks(range(h.shape[1]), [str(c) for c in h.columns])
             a.set_yticks(range(h.shape[0]), [str(r) for r in h.index])
             d = "ΔW = W_ft − W_base" if ref == "base" else "ΔW' = W_ft − W_control"
-            a.set(title=f"{self.variant}: ASR (%) injecting top-k of {d}\n(bias: {self.bias})",
+            a.set(title=f"{self.variant}: ASR (%), base + top-k of\n{d} (bias: {self.bias})",
                   xlabel="rank of ΔW2 injected", ylabel="rank of ΔW1 injected")
             fig.colorbar(im, ax=a, label="ASR (%)", shrink=0.8)
         a = axes[0][-1]
@@ -237,7 +237,7 @@ class InjectionResult(Result):
         if ft is not None:
             a.axhline(ft.asr * 100, color="k", ls="--", lw=1, label="FT projector (nothing removed)")
         a.set_xticks(x, specs)
-        a.set(title=f"Removal from {self.remove_layer} of the FT projector", xlabel="ranks removed (1-based)",
+        a.set(title=f"Removing components of ΔW\nfrom {self.remove_layer} of the FT projector", xlabel="ranks removed (1-based)",
               ylabel="ASR (%)", ylim=(0, 105))
         a.legend(fontsize=7)
         return fig

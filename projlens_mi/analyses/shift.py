@@ -185,7 +185,7 @@ class ShiftResult(Result):
                 g = self.energy[(self.energy.condition == cond) & (self.energy.centred == centred)]
                 a.errorbar(g.k, g["mean"], yerr=g.sd, fmt="o" + ls, color=c, capsize=2,
                            label=f"{cond}{' (token-centred)' if centred else ''}")
-        a.set(title=f"{self.variant}: SVD energy of ΔE per input", xlabel="k", ylabel="Σ_{i≤k} σ_i² / Σ σ_i²",
+        a.set(title=f"{self.variant}:\nSVD energy of ΔE per input", xlabel="k", ylabel="Σ_{i≤k} σ_i² / Σ σ_i²",
               ylim=(0, 1.02))
         a.legend(fontsize=7)
         a = axes[0][1]
