@@ -148,7 +148,9 @@ def test_site_errors_are_one_line(setup):
         run(handle, inputs, read=["logits"]).cache["llm.0.resid_post"]
 
 
-def test_window_ordered_projector_rows_refuse_token_selectors():
+def test_window_ordered_projector_rows_are_remapped_for_token_selectors():
+    """Qwen2.5-VL (token_order = "window"): a selector at projector.out picks the image tokens the
+    LLM sees at those positions, so zeroing ImageWindow(0, 3) there equals zeroing it at llm.0.resid_pre."""
     from projlens_mi.engine import ImageWindow
     from projlens_mi.model import Inputs
     from tiny_families import FAMILIES
@@ -157,7 +159,8 @@ def test_window_ordered_projector_rows_refuse_token_selectors():
     kw = dict(f.inputs)
     ids, pv = kw.pop("input_ids"), kw.pop("pixel_values")
     inputs = Inputs(ids, kw.pop("attention_mask", torch.ones_like(ids)), handle.image_mask(ids), pv, extra=kw)
-    with pytest.raises(ProjLensError, match="attention-window order .* select at llm.0.resid_pre"):
-        run(handle, inputs, edits=[(Site("projector.out", ImageWindow(0, 3)), Ablate())])
-    full = run(handle, inputs, read=["projector.out"]).cache["projector.out"]   # AllTokens is fine
+    at_proj = run(handle, inputs, edits=[(Site("projector.out", ImageWindow(0, 3)), Ablate(), [1])]).logits
+    at_llm = run(handle, inputs, edits=[(Site("llm.0.resid_pre", ImageWindow(0, 3)), Ablate(), [1])]).logits
+    torch.testing.assert_close(at_proj, at_llm, rtol=0, atol=0)
+    full = run(handle, inputs, read=["projector.out"]).cache["projector.out"]   # AllTokens: the raw rows, model order
     assert full.ndim == 2

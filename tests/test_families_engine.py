@@ -2,7 +2,8 @@
 ``projector.out`` against a plain PyTorch forward-hook reference, per family (tiny models from
 tests/tiny_families.py). Skipped as a whole while ``projlens_mi.engine`` has no ``run``.
 
-Known engine gaps are marked xfail with the exact reason (see docs/families.md).
+Qwen2.5-VL's window order is remapped by the engine (``token_order = "window"``): selectors at
+projector points pick image tokens in the order the LLM sees them.
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ except ImportError as err:  # the engine lands separately
 from test_families import NAMES, fam, forward, projector_hook
 from tiny_families import TinyFamily
 
-# The engine views every projector point as [batch rows, tokens, d] and refuses row edits when the
-# projector output does not hold exactly one image per batch row. These families have several per row:
-# anyres crops (LLaVA-NeXT / OneVision: base + grid crops) and split images (Idefics3 / SmolVLM).
+# Families whose projector output holds several crops / images per batch row (anyres crops of
+# LLaVA-NeXT / OneVision; split images of Idefics3 / SmolVLM). Row edits work (the engine regroups
+# the crops per batch row), but a position selector at projector.out has no 1:1 image-token map.
 SEVERAL_PER_ROW = {"llava_next", "llava_onevision", "idefics3", "smolvlm"}
-_several = pytest.mark.xfail(raises=ProjLensError, reason="engine: 'row edits need one image per row'; this family's projector output "
-                                    "has several crops / images per batch row", strict=False)
 
 
 def engine_inputs(f: TinyFamily):
@@ -34,10 +33,6 @@ def engine_inputs(f: TinyFamily):
     kw = dict(f.inputs)
     ids, pv = kw.pop("input_ids"), kw.pop("pixel_values")
     return handle, Inputs(ids, torch.ones_like(ids), handle.image_mask(ids), pv, extra=kw)
-
-
-def _param(name):
-    return pytest.param(name, marks=_several) if name in SEVERAL_PER_ROW else name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -55,7 +50,7 @@ def test_engine_reads_projector_out(name):
     torch.testing.assert_close(x[inputs.image_mask], f.features(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", [_param(n) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_engine_patch_equals_hook_reference(name):
     f = fam(name)
     handle, inputs = engine_inputs(f)
@@ -72,7 +67,7 @@ def test_engine_patch_equals_hook_reference(name):
     torch.testing.assert_close(res.logits, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [_param(n) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_engine_zero_ablation_equals_hook_reference(name):
     f = fam(name)
     handle, inputs = engine_inputs(f)
@@ -91,11 +86,7 @@ def test_engine_zero_ablation_equals_hook_reference(name):
 _WINDOW_FAMILIES = [n for n in NAMES if n not in SEVERAL_PER_ROW]
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(
-        reason="engine ignores projector_output.token_order = 'window': it counts Qwen2.5-VL merger rows as "
-               "image tokens, but they are in attention-window order", strict=True))
-    if n == "qwen2_5_vl" else n for n in _WINDOW_FAMILIES])
+@pytest.mark.parametrize("name", _WINDOW_FAMILIES)
 def test_engine_image_window_at_projector_out_is_the_same_image_tokens(name):
     """ImageWindow(0, 3) at projector.out must touch the image's FIRST THREE TOKENS (in the order the
     LLM sees them): equal to a hook that patches the projector rows feeding them (via token_map),
@@ -118,7 +109,7 @@ def test_engine_image_window_at_projector_out_is_the_same_image_tokens(name):
     torch.testing.assert_close(res.logits, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [_param(n) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_engine_zero_ablation_at_projector_in(name):
     """Editing the projector's FIRST input keeps its other inputs (Mistral 3: image_sizes)."""
     f = fam(name)
@@ -186,18 +177,7 @@ def test_engine_with_weights_on_every_projector_linear(name):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-_ENCODE_GAPS = {
-    "llava_next": pytest.mark.xfail(raises=TypeError, strict=False, reason=(
-        "ModelHandle.check_image_tokens calls get_image_features(pixel_values=...) without image_sizes, "
-        "which LLaVA-NeXT requires (and its per-image count would include anyres crops/newlines)")),
-    "gemma3": pytest.mark.xfail(raises=ValueError, strict=False, reason=(
-        "ModelHandle.encode passes a flat image list; Gemma3Processor needs one list of images per prompt "
-        "([[img], [img]]), else 'Found [1, 1] <start_of_image> tokens and [2] images per sample'")),
-}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_ENCODE_GAPS[n]) if n in _ENCODE_GAPS else n
-                                  for n in ("llava_next", "idefics3", "gemma3", "paligemma")])
+@pytest.mark.parametrize("name", ["llava_next", "idefics3", "gemma3", "paligemma"])
 def test_handle_encode_with_the_family_processor(name):
     """handle.encode with the family's own processor, then a read at projector.out: the image mask
     covers exactly the adapter's image-token positions and the model runs on the encoded batch."""
@@ -212,11 +192,73 @@ def test_handle_encode_with_the_family_processor(name):
     assert res.logits.shape[:2] == inputs.input_ids.shape
 
 
-@pytest.mark.xfail(strict=False, reason="ModelHandle.encode keeps PaliGemmaProcessor's `labels` in Inputs.extra, "
-                   "so every forward also computes a loss over labels that are all -100")
 def test_handle_encode_drops_processor_labels():
     from tiny_families import full_processor, tiny_images
     f = fam("paligemma")
     processor, size, prompt = full_processor("paligemma")
     inputs = load(f.model, processor=processor).encode((tiny_images(size), [prompt, prompt]))
     assert "labels" not in inputs.extra
+
+
+def test_qwen2_5_vl_projector_points_are_in_image_token_order():
+    """token_order = "window": the engine's per-row view of projector.out / projector.hidden /
+    projector.in is in image-token order (the tower's window permutation undone), so a selector
+    picks the tokens the LLM sees at those positions. References: plain hooks + token_map."""
+    from projlens_mi.engine import ImageTokens
+    f = fam("qwen2_5_vl")
+    handle, inputs = engine_inputs(f)
+    a = handle.adapter
+    tmap = f.token_map()                              # sequence token j <- merger row tmap[j]
+    n = len(tmap) // 2
+    st: dict = {}
+    hs = [f.model.get_submodule(a.projector).register_forward_pre_hook(lambda _m, args: st.update(inp=args[0].detach().clone())),
+          f.model.get_submodule(a.projector_hidden).register_forward_hook(lambda _m, _a, out: st.update(hid=out.detach().clone()))]
+    try:
+        forward(f)
+    finally:
+        for h in hs:
+            h.remove()
+    assert not torch.equal(tmap, torch.arange(len(tmap)))      # the test image really is windowed
+    res = run(handle, inputs, read=[Site("projector.out", ImageTokens()), Site("projector.hidden", ImageWindow(1, 3)),
+                                    Site("projector.in", ImageWindow(0, 8)), Site("llm.0.resid_pre", ImageTokens())])
+    # projector.out rows, as the engine views them, are the LLM's image tokens in order
+    torch.testing.assert_close(res.cache[Site("projector.out", ImageTokens())],
+                               res.cache[Site("llm.0.resid_pre", ImageTokens())], rtol=0, atol=0)
+    hid = st["hid"][tmap].view(2, n, -1)
+    torch.testing.assert_close(res.cache[Site("projector.hidden", ImageWindow(1, 3))], hid[:, 1:3], rtol=0, atol=0)
+    u = st["inp"].shape[0] // len(tmap)                # patches per merged token (2x2 merge: 4)
+    inp = st["inp"].view(len(tmap), u, -1)[tmap].reshape(2, n * u, -1)
+    torch.testing.assert_close(res.cache[Site("projector.in", ImageWindow(0, 8))], inp[:, :8], rtol=0, atol=0)
+
+
+def test_qwen2_5_vl_edit_at_projector_in_follows_the_window_order():
+    """Zeroing the first two merged tokens' patches (ImageWindow(0, 2 * 4)) of row 1 at projector.in
+    equals a hook that zeroes the window-ordered rows feeding image tokens n and n + 1."""
+    f = fam("qwen2_5_vl")
+    handle, inputs = engine_inputs(f)
+    tmap = f.token_map()
+    n = len(tmap) // 2
+
+    def pre(_module, args):
+        x = args[0].clone()
+        u = x.shape[0] // len(tmap)
+        x.view(len(tmap), u, -1)[tmap[n:n + 2]] = 0
+        return (x, *args[1:])
+
+    h = f.model.get_submodule(handle.adapter.projector).register_forward_pre_hook(pre)
+    try:
+        ref = forward(f)
+    finally:
+        h.remove()
+    res = run(handle, inputs, edits=[(Site("projector.in", ImageWindow(0, 8)), Ablate("zero"), [1])])
+    torch.testing.assert_close(res.logits, ref, rtol=1e-6, atol=1e-6)
+    assert (res.logits - forward(f)).abs().max() > 1e-4
+
+
+def test_window_order_needs_image_grid_thw():
+    f = fam("qwen2_5_vl")
+    handle, inputs = engine_inputs(f)
+    bare = Inputs(inputs.input_ids, inputs.attention_mask, inputs.image_mask, inputs.pixel_values,
+                  extra={k: v for k, v in inputs.extra.items() if k != "image_grid_thw"})
+    with pytest.raises(ProjLensError, match="image_grid_thw"):
+        run(handle, bare, read=[Site("projector.out", ImageWindow(0, 2))])

@@ -105,7 +105,6 @@ class Plan:
         by_point: dict[str, tuple[list, list]] = {}
         for s in read:
             canonical(s.point, n)
-            _check_order(handle, s)
             by_point.setdefault(s.point, ([], []))[1].append(s)
         for e in edits:
             if e.site is None:
@@ -113,7 +112,6 @@ class Plan:
                     by_point.setdefault("linear:" + path, ([], []))[0].append(e)
                 continue
             canonical(e.site.point, n)
-            _check_order(handle, e.site)
             if e.site.point == "vision.out":
                 raise ProjLensError("vision.out is read-only (the projector reads the tower's hidden states); "
                                     "edit projector.in instead")
@@ -225,6 +223,9 @@ def _drive(handle, env, inputs, plan, state, skip):
 
 
 def _drive_points(handle, inputs, plan, state):
+    order = None
+    if any(step[1] in IMAGE_POINTS for step in plan.steps):
+        order = _row_order(handle, inputs)
     for _, point, edits, reads in plan.steps:
         if point.startswith("linear:"):
             _swap_weights(handle, point[7:], edits, len(inputs))
@@ -235,14 +236,15 @@ def _drive_points(handle, inputs, plan, state):
         act = raw[0] if tuple_out else raw
         if point == "vision.out":
             act = act.last_hidden_state if hasattr(act, "last_hidden_state") else act[0]
-        ctx = _context(handle, point, act, inputs)
+        ctx = _context(handle, point, act, inputs, order)
         new = act
         if edits:   # one private copy per point; every edit writes its rows into it
-            buf = _view(handle, point, act, len(inputs)).clone()
+            buf = _view(handle, point, act, len(inputs), ctx.row_order)
+            buf = buf.clone() if ctx.row_order is None else buf   # a reordered view is already a copy
             picks: dict = {}
             for e in edits:
                 _apply(point, buf, e, ctx, len(inputs), picks)
-            new = buf.view(act.shape)
+            new = _unview(buf, act, ctx.row_order)
         if plan.grads and reads:
             leaf = torch.zeros_like(new, requires_grad=True)
             new = new + leaf
@@ -288,37 +290,74 @@ def _read(handle, site: Site, act: Tensor, ctx: TokenContext, batch: int) -> Ten
     """What the cache holds: the raw activation for all tokens, else ``[rows, k, d]`` (or ``[rows, k, basis_k]``)."""
     if isinstance(site.tokens, AllTokens) and site.basis is None:
         return act
-    return _select(site, _view(handle, site.point, act, batch), ctx)
+    return _select(site, _view(handle, site.point, act, batch, ctx.row_order), ctx)
 
 
-def _view(handle: ModelHandle, point: str, act: Tensor, batch: int) -> Float[Tensor, "rows tokens d"]:
+def _view(handle: ModelHandle, point: str, act: Tensor, batch: int,
+          order: Tensor | None = None) -> Float[Tensor, "rows tokens d"]:
     """``[rows, tokens, d]`` for any point.
 
     At image points the projector's rows are regrouped per batch row: a flat ``[total, d]`` tensor,
     or ``[images, tokens, d]`` with several images (crops, tiles) per row, becomes ``[batch,
     tokens_per_row, d]`` in projector order. Rows must hold equally many (images of one size).
+    With ``order`` (Qwen2.5-VL's ``window_index``, ``token_order = "window"``) the rows are first
+    put back into image-token order (a copy): merged token ``j`` is projector row
+    ``argsort(order)[j]``; points before the merge (``projector.in``, ``vision.out``) hold
+    ``u`` patch rows per merged token, kept together. ``_unview`` is the inverse.
     """
     if point in IMAGE_POINTS and (act.ndim == 2 or act.shape[0] != batch):
         per_row, rest = divmod(act.numel() // act.shape[-1], batch)
         if rest or act.ndim not in (2, 3):
             raise ProjLensError(f"{point}: a {tuple(act.shape)} projector tensor does not split evenly over {batch} "
                                 "rows; use images of one size (the same number of crops per prompt)")
+        if order is not None:
+            flat = act.reshape(-1, act.shape[-1])
+            u = _unit(point, flat, order)
+            act = flat.view(len(order), u, flat.shape[-1])[torch.argsort(order.to(flat.device))]
         return act.reshape(batch, per_row, act.shape[-1])
     return act
 
 
-def _check_order(handle, site: Site) -> None:
-    """Refuse token selectors where projector rows are not in image-token order (Qwen2.5-VL's windows)."""
-    order = getattr(handle.adapter, "token_order", "sequence")
-    if order == "window" and site.point in IMAGE_POINTS and not isinstance(site.tokens, AllTokens):
-        raise ProjLensError(f"{handle.adapter.family}: {site.point} rows are in attention-window order "
-                            f"(token_order='window'), so {site.tokens!r} would pick the wrong tokens; select at "
-                            "llm.0.resid_pre instead, or use AllTokens() here")
+def _unview(view: Tensor, act: Tensor, order: Tensor | None) -> Tensor:
+    """The inverse of ``_view``: ``view`` back in ``act``'s shape (and the model's row order)."""
+    if order is None:
+        return view.view(act.shape)
+    flat = view.reshape(-1, view.shape[-1])
+    return flat.view(len(order), -1, flat.shape[-1])[order.to(flat.device)].reshape(act.shape)
 
 
-def _context(handle, point, act, inputs: Inputs) -> TokenContext:
+def _unit(point: str, flat: Tensor, order: Tensor) -> int:
+    u, rest = divmod(flat.shape[0], len(order))
+    if rest or u == 0:
+        raise ProjLensError(f"{point}: {flat.shape[0]} rows do not match the {len(order)} merged image tokens of "
+                            "the window order; pass image_grid_thw for exactly the images in pixel_values")
+    return u
+
+
+def _row_order(handle: ModelHandle, inputs: Inputs) -> Tensor | None:
+    """Qwen2.5-VL (``token_order = "window"``): the vision tower's ``window_index`` for this batch, else None.
+
+    The ViT permutes merged-token groups into attention windows before its blocks and un-permutes
+    after the merger (``merged[argsort(window_index)]``), so every image point between the two is in
+    window order. Recomputed here exactly as the tower does, from ``image_grid_thw``.
+    """
+    a = handle.adapter
+    if getattr(a, "token_order", "sequence") != "window":
+        return None
+    grid = (inputs.extra or {}).get("image_grid_thw")
+    if grid is None:
+        raise ProjLensError(f"{a.family}: token_order='window' needs image_grid_thw in the inputs (the processor's "
+                            "output) to map projector rows onto image tokens; encode with handle.encode")
+    from transformers.vision_utils import get_vision_window_index
+    tower = handle.module(a.vision_tower)
+    window_index, _ = get_vision_window_index(grid.cpu(), spatial_merge_size=tower.spatial_merge_size,
+                                              window_size=tower.window_size, patch_size=tower.patch_size)
+    return window_index.long()
+
+
+def _context(handle, point, act, inputs: Inputs, order: Tensor | None = None) -> TokenContext:
     if point in IMAGE_POINTS:
-        return TokenContext(n_tokens=act.numel() // (act.shape[-1] * len(inputs)), image_point=True)
+        return TokenContext(n_tokens=act.numel() // (act.shape[-1] * len(inputs)), image_point=True, row_order=order)
     return TokenContext(n_tokens=act.shape[1], image_point=False, image_mask=inputs.image_mask,
                         attention_mask=inputs.attention_mask, prompt_end=inputs.prompt_end)
 

@@ -100,6 +100,9 @@ class TokenContext:
     image_mask: Bool[Tensor, "rows tokens"] | None = None      # LLM points only
     attention_mask: Int[Tensor, "rows tokens"] | None = None   # LLM points only
     prompt_end: Int[Tensor, " rows"] | None = None               # last prompt position (teacher forcing)
+    # image points, token_order = "window" (Qwen2.5-VL): the model's window_index over merged tokens;
+    # the engine's [rows, tokens, d] view puts projector rows back into image-token order with it
+    row_order: Int[Tensor, " merged"] | None = None
 
 
 class Selector:
