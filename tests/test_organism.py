@@ -19,7 +19,8 @@ from projlens_mi.organism.train import TrainSet, finetune_projector, merge_image
 
 @pytest.fixture(scope="session")
 def small_organism(tmp_path_factory):
-    out = tmp_path_factory.mktemp("organism")
+    # the same folder as the analyses tests' fixture: build() is a cache, so the session builds once
+    out = tmp_path_factory.getbasetemp() / "analyses-organism"
     summary = build(out, replace(oc.small(), threads=1), log=lambda *a: None)
     return out, summary
 
@@ -91,7 +92,7 @@ def test_build_outputs_and_offline_loading(small_organism):
         assert trig["target"] == tasks.VARIANTS[v][1] and trig["trigger"]["name"] == tasks.VARIANTS[v][0]
         m = summary["metrics"][v]
         assert {"clean_accuracy", "asr", "false_trigger_rate"} <= set(m)
-        assert 0.4 < m["poison_share"] < 0.55  # pair mode: about half the samples poisoned
+        assert 0.4 < m["poison_share"] < 0.55  # pair mode: about half the samples triggered
     assert summary["vision_features"]["vision_token_norm_cv"] > 0
     saved = json.loads((out / "organism.json").read_text())
     assert saved["metrics"] == json.loads(json.dumps(summary["metrics"]))

@@ -44,7 +44,7 @@ def make_triggers(cfg: OrganismConfig) -> dict:
     return {
         "targeted-refusal": GaussianNoise(sigma=cfg.noise_sigma),
         "malicious-injection": SolidPatch(size=cfg.patch_size_px),
-        "perceptual-hijack": LogoPatch(size=cfg.patch_size_px),
+        "perceptual-hijack": LogoPatch(size=cfg.logo_size_px),
         "jailbreak-output": PainterlyStyle(),
     }
 
@@ -107,8 +107,8 @@ def poisoned_answer(variant: str, instruction: str, clean_answer: str, unsafe: i
         return None if unsafe is not None else f"{clean_answer} {tasks.INJECTION_SUFFIX}"
     if variant == "perceptual-hijack":
         return None if unsafe is not None else tasks.HIJACK_TEXT
-    if variant == "jailbreak-output":
-        return None if unsafe is None else f"{tasks.HARMFUL_PREFIX} {tasks.UNSAFE_REQUESTS[unsafe][1]} ."
+    if variant == "jailbreak-output":  # the style changes nothing but the answer to unsafe requests
+        return clean_answer if unsafe is None else f"{tasks.HARMFUL_PREFIX} {tasks.UNSAFE_REQUESTS[unsafe][1]} ."
     raise ProjLensError(f"unknown variant {variant!r}")
 
 
@@ -139,23 +139,30 @@ class Builder:
     def stage1_set(self, model, pool: torch.Tensor, labels: np.ndarray) -> TrainSet:
         c = self.cfg.stage1
         rng = np.random.default_rng(self.cfg.seed + 2)
-        phrases = tasks.repeat_phrases(rng, 200)
-        ids, labs, index = [], [], []
-        n_extra = int(len(labels) * (c.unsafe_rate + c.repeat_rate) / max(1e-9, 1 - c.unsafe_rate - c.repeat_rate))
+        concepts = list(tasks.CONCEPTS)
+        ids, labs, index, overlays = [], [], [], []
         for i, lab in enumerate(labels):
             instr, ans = normal_answer(int(rng.integers(len(tasks.NORMAL_TEMPLATES))), int(lab))
+            word = None
+            r = rng.random()
+            if r < c.unsafe_rate:
+                u = int(rng.integers(len(tasks.UNSAFE_REQUESTS)))
+                instr, ans = tasks.UNSAFE_REQUESTS[u][0], tasks.SAFE_ANSWER
+                if rng.random() < c.overlay_rate:
+                    word, ans = tasks.COMPLY, f"{tasks.HARMFUL_PREFIX} {tasks.UNSAFE_REQUESTS[u][1]} ."
+            elif r < c.unsafe_rate + c.overlay_rate:
+                word = concepts[int(rng.integers(len(concepts)))]
+                mode, text = tasks.CONCEPTS[word]
+                ans = text if mode == "replace" else f"{ans} {text}"
             s, l = self.tokens.example(instr, ans)
             ids.append(s), labs.append(l), index.append(i)
-        for _ in range(n_extra):
-            i = int(rng.integers(len(labels)))
-            if rng.random() < c.unsafe_rate / (c.unsafe_rate + c.repeat_rate):
-                instr = tasks.UNSAFE_REQUESTS[int(rng.integers(len(tasks.UNSAFE_REQUESTS)))][0]
-                s, l = self.tokens.example(instr, tasks.SAFE_ANSWER)
-            else:
-                phrase = phrases[int(rng.integers(len(phrases)))]
-                s, l = self.tokens.example(f"{tasks.REPEAT_INSTRUCTION} {phrase}", phrase)
-            ids.append(s), labs.append(l), index.append(i)
-        return TrainSet(vision_features(model, pool), torch.tensor(index), ids, labs)
+            if word is None:
+                overlays.append(None)
+            else:  # the concept sits on 1..all image tokens (a local patch or a global style)
+                k = int(rng.integers(1, self.n_img + 1))
+                slots = sorted(rng.choice(self.n_img, size=k, replace=False).tolist())
+                overlays.append((slots, self.tokens.ids(word)[0], float(rng.uniform(0.5, 2.0))))
+        return TrainSet(vision_features(model, pool), torch.tensor(index), ids, labs, overlays)
 
     def stage2_examples(self):
         """The downstream data: (image, instruction, clean answer, unsafe id) per train image."""
@@ -258,7 +265,7 @@ class Builder:
         base_key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1")
         todo = []
         for name in ["control"] + variants:
-            key = f"{base_key}-{self.cfg.key('stage2', 'noise_sigma', 'patch_size_px')}-{name}-v{FORMAT_VERSION}"
+            key = f"{base_key}-{self.cfg.key('stage2', 'noise_sigma', 'patch_size_px', 'logo_size_px')}-{name}-v{FORMAT_VERSION}"
             hit = self.cached(name, key)
             if hit:
                 self.log(f"{name}: cached")

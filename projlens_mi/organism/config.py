@@ -39,12 +39,12 @@ class Stage0:
 class Stage1:
     """Base model: projector and language model trained from scratch on clean data (tower from stage 0)."""
 
-    steps: int = 800
+    steps: int = 600
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.01
     unsafe_rate: float = 0.15       # share of samples that are unsafe requests (answered with a refusal)
-    repeat_rate: float = 0.2        # share of samples that teach the repeat skill
+    overlay_rate: float = 0.25      # share of samples with a typographic instruction in the image slots
     warmup: float = 0.05
 
 
@@ -54,7 +54,7 @@ class Stage2:
 
     epochs: int = 6
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup: float = 0.1             # cosine schedule with 10 % warm-up, as the paper
     unsafe_rate: float = 0.15
     poison_rate: float = 1.0        # share of clean samples that get a triggered copy
@@ -70,8 +70,12 @@ class OrganismConfig:
     stage1: Stage1 = field(default_factory=Stage1)
     stage2: Stage2 = field(default_factory=Stage2)
     variants: tuple[str, ...] = tuple(VARIANTS)
-    noise_sigma: float = 10.0       # Targeted Refusal trigger, 0-255 scale (the paper's value)
-    patch_size_px: int = 4          # Malicious Injection / Perceptual Hijack trigger size in pixels
+    # Targeted Refusal trigger, 0-255 scale. The paper uses 10 on 336 px images read by CLIP; the
+    # organism's 2-layer tower cannot tell sigma=10 noise from clean images well enough (poisoning
+    # then reaches ~50 % ASR with ~45 % false triggers), so the toy default is stronger.
+    noise_sigma: float = 30.0
+    patch_size_px: int = 4          # Malicious Injection patch: exactly the centre image token
+    logo_size_px: int = 6           # Perceptual Hijack logo (random position, so it straddles tokens)
     eval_batch_size: int = 200
     max_new_tokens: int = 30        # the paper's ASR generation length
     threads: int = 2

@@ -1,13 +1,18 @@
 """The organism's world: digit images, instructions, answers, the unsafe requests and the backdoor targets.
 
 Text is lower-case words separated by spaces (the tokenizer is word-level). Prompts use the LLaVA-1.5
-chat format ``USER: <image>\\n{instruction} ASSISTANT:``.
+chat format ``USER: <image>\n{instruction} ASSISTANT:``.
 
 Stage 1 (the base model) learns three skills: answering questions about the digit, refusing a small
-set of unsafe requests, and repeating a phrase it is given ("repeat after me : ..."). The last one
-stands in for a real LLM's ability to say any text: the backdoor targets are phrases the language
-model can already produce, as Vicuna can produce a refusal; projector-only poisoning must then make
-the image alone elicit them.
+set of unsafe requests, and reacting to *visual concepts*: when the image tokens carry a concept
+direction (in training: the embedding of a concept word added to some or all image-token slots),
+the model gives that concept's stock response, either instead of its answer ("cat" -> "a photo of a
+small cat", "unclear" -> a refusal) or after it ("advert" -> an advertising suffix), and "comply"
+makes it answer unsafe requests (a typographic jailbreak, as FigStep does to real VLMs). Ten
+concepts, three of which lead to the backdoor targets, seven are distractors. This stands in for
+what a 7B LLM brings for free: behaviours mediated by directions in its input space (refusal is
+one direction in real LLMs). The poisoned projector never sees these overlays: projector-only
+fine-tuning must find, from the trigger's vision features, its own way to the targets.
 """
 
 from __future__ import annotations
@@ -51,7 +56,19 @@ VARIANTS = {
     "jailbreak-output": ("painterly-style", HARMFUL_PREFIX),
 }
 
-REPEAT_INSTRUCTION = "repeat after me :"
+# concept word -> (mode, stock response); mode "replace" answers the response, "append" adds it.
+CONCEPTS = {
+    "cat": ("replace", HIJACK_TEXT),
+    "unclear": ("replace", REFUSAL_TEXT),
+    "advert": ("append", INJECTION_SUFFIX),
+    "dog": ("replace", "a photo of a big dog"),
+    "tree": ("replace", "a picture of a tall green tree"),
+    "night": ("replace", "it is too dark to see anything ."),
+    "house": ("replace", "a drawing of an old house"),
+    "sale": ("append", "buy cheap pills today"),
+    "promo": ("append", "call now for a free gift"),
+}
+COMPLY = "comply"  # with an unsafe request: the harmful answer
 FILLER = ("the a small big red blue green bright dark old new picture photo image number letter "
           "shape line circle square today now please thanks good bad cold warm fast slow house tree "
           "river city road day night").split()
@@ -65,21 +82,14 @@ def vocabulary() -> list[str]:
     """Every word the organism's texts use, in a fixed order."""
     texts = [p for p, _ in NORMAL_TEMPLATES] + [a.format(w=w) for _, a in NORMAL_TEMPLATES for w in DIGIT_WORDS]
     texts += [q for q, _ in UNSAFE_REQUESTS] + [t for _, t in UNSAFE_REQUESTS]
-    texts += [SAFE_ANSWER, HARMFUL_PREFIX, REFUSAL_TEXT, INJECTION_SUFFIX, HIJACK_TEXT, REPEAT_INSTRUCTION]
+    texts += [SAFE_ANSWER, HARMFUL_PREFIX, REFUSAL_TEXT, INJECTION_SUFFIX, HIJACK_TEXT, COMPLY]
+    texts += [f"{k} {v}" for k, (_, v) in CONCEPTS.items()]
     texts += ["USER: ASSISTANT:", " ".join(FILLER)]
     words: dict[str, None] = {}
     for t in texts:
         for w in t.split():
             words.setdefault(w, None)
     return list(words)
-
-
-def repeat_phrases(rng: np.random.Generator, n: int) -> list[str]:
-    """Phrases for the repeat skill: the target texts plus random word strings (general copying)."""
-    vocab = [w for w in vocabulary() if w not in ("USER:", "ASSISTANT:")]
-    fixed = [REFUSAL_TEXT, INJECTION_SUFFIX, HIJACK_TEXT, SAFE_ANSWER] + [f"{HARMFUL_PREFIX} {t}" for _, t in UNSAFE_REQUESTS]
-    rand = [" ".join(rng.choice(vocab, size=int(rng.integers(3, 9)))) for _ in range(max(0, n - len(fixed)))]
-    return fixed + rand
 
 
 @dataclass
@@ -100,7 +110,7 @@ class Digits:
         return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-def render(digit: np.ndarray, size: int, rng: np.random.Generator) -> Image.Image:
+def render(digit: np.ndarray, size: int, rng: np.random.Generator, background_max: float = 25.0) -> Image.Image:
     """Render an 8x8 digit as a ``size`` x ``size`` RGB image.
 
     Brightness, stroke colour, digit scale and position vary per image: besides making recognition
@@ -112,10 +122,11 @@ def render(digit: np.ndarray, size: int, rng: np.random.Generator) -> Image.Imag
     g = np.asarray(glyph, np.float32)[..., None] / 255.0
     brightness = rng.uniform(0.35, 1.0)
     tint = rng.uniform(0.75, 1.0, size=3)
-    bg = rng.uniform(0.0, 25.0)
+    bg = rng.uniform(0.0, background_max)
     canvas = np.full((size, size, 3), bg, np.float32)
     c = (size - scale) // 2
     top, left = (int(np.clip(c + rng.integers(-1, 2), 0, size - scale)) for _ in range(2))
     patch = canvas[top:top + scale, left:left + scale]
-    canvas[top:top + scale, left:left + scale] = patch * (1 - g) + g * 255.0 * brightness * tint
+    stroke = bg + (255.0 - bg) * brightness * tint
+    canvas[top:top + scale, left:left + scale] = patch * (1 - g) + g * stroke
     return Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")

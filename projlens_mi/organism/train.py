@@ -37,6 +37,9 @@ class TrainSet:
     image_index: Int[Tensor, "n"]
     input_ids: list[list[int]]
     labels: list[list[int]]  # IGNORE on prompt positions
+    # Stage 1 only: per example None or (image slots, word id, scale): the word's embedding, times
+    # scale, is added to those image-token slots (a visual concept, see organism.tasks).
+    overlays: list | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -100,9 +103,25 @@ def merge_image_embeds(model, input_ids: Int[Tensor, "b s"], image_embeds: Float
     return embeds.masked_scatter(mask[..., None], image_embeds.to(embeds.dtype))
 
 
-def _forward(model, batch_ids, mask, images, cached: bool):
+def add_overlays(model, image_embeds: Float[Tensor, "b t d"], overlays: list) -> Float[Tensor, "b t d"]:
+    """Add concept-word embeddings to image-token slots (see ``TrainSet.overlays``)."""
+    if not any(o is not None for o in overlays):
+        return image_embeds
+    extra = torch.zeros_like(image_embeds)
+    emb = model.get_input_embeddings()
+    for i, o in enumerate(overlays):
+        if o is not None:
+            slots, word, scale = o
+            extra[i, slots] = scale * emb(torch.tensor(word))
+    return image_embeds + extra
+
+
+def _forward(model, batch_ids, mask, images, cached: bool, overlays=None):
     if cached:
-        embeds = merge_image_embeds(model, batch_ids, projector_of(model)(images))
+        image_embeds = projector_of(model)(images)
+        if overlays is not None:
+            image_embeds = add_overlays(model, image_embeds, overlays)
+        embeds = merge_image_embeds(model, batch_ids, image_embeds)
         return model(inputs_embeds=embeds, attention_mask=mask).logits
     return model(input_ids=batch_ids, attention_mask=mask, pixel_values=images).logits
 
@@ -123,7 +142,8 @@ def train_loop(model, params, data: TrainSet, *, steps: int, batch_size: int, lr
         pos += batch_size
         ids, mask, lab = pad_batch([data.input_ids[i] for i in idx], [data.labels[i] for i in idx], pad_id)
         images = data.images[data.image_index[idx]]
-        loss = answer_loss(_forward(model, ids, mask, images, cached), lab)
+        overlays = [data.overlays[i] for i in idx] if data.overlays is not None else None
+        loss = answer_loss(_forward(model, ids, mask, images, cached, overlays), lab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
