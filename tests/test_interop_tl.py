@@ -147,3 +147,11 @@ def test_copy_false_warns():
     with pytest.warns(UserWarning, match="in place"):
         tl = to_transformer_lens(handle, copy=False)
     assert tl.bridge.original_model is model and not tl.copied
+
+
+def test_missing_transformer_lens_is_a_one_line_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "transformer_lens.model_bridge", None)     # import fails
+    model, processor = tiny_llava()
+    with pytest.raises(ProjLensError, match=r"pip install 'projlens_mi\[tl\]'"):
+        to_transformer_lens(pl.load(model, processor=processor))

@@ -1,13 +1,15 @@
 """The hook engine: the only package that registers hooks or opens nnsight traces.
 
 sites (where) · interventions (what, as pure tensor functions) · run (one forward pass) ·
-sweep (many cells packed into batched passes) · metrics (what to measure on the logits).
+sweep (many cells packed into batched passes) · metrics (what to measure on the logits) ·
+interop (the optional TransformerLens path; imports transformer_lens only when booted).
 """
 
 from .interventions import Ablate, Intervention, Noise, Patch, PatchSubspace, ProjectOut, Steer, WithWeights
 from .run import Cache, Edit, RunResult, run
 from .sweep import run_cell, sweep
 from .metrics import asr, contains, generate, logit_diff, target_logit, target_logprob, target_prob, token_id
+from .interop import TLBridge, tl_hook_name, tl_patch, tl_run, to_transformer_lens
 from .sites import (AllTokens, ImageTokens, ImageWindow, Indices, LastToken, PatchRegion, Selector, Site,
                     TextTokens, check_basis)
 
@@ -15,4 +17,4 @@ __all__ = ["Site", "Selector", "AllTokens", "ImageTokens", "ImageWindow", "Patch
            "TextTokens", "Indices", "check_basis", "Intervention", "Patch", "Ablate", "ProjectOut",
            "PatchSubspace", "Steer", "Noise", "WithWeights", "Edit", "RunResult", "Cache", "run",
            "sweep", "run_cell", "target_logit", "target_prob", "target_logprob", "logit_diff", "token_id",
-           "generate", "contains", "asr"]
+           "generate", "contains", "asr", "to_transformer_lens", "TLBridge", "tl_run", "tl_patch", "tl_hook_name"]
