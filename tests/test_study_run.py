@@ -63,7 +63,7 @@ def test_report_folder(done):
     assert "evaluation.png" in figs and any(f.startswith("spectrum-") for f in figs)
     assert all((out / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figs)
     md = (out / "report.md").read_text()
-    for section in ("## Setting", "## Backdoor behaviour", "## Spectrum", "## Weight_delta",
+    for section in ("## Setting", "## Backdoor behaviour", "## Update spectrum", "## Weight delta",
                     "## The paper's findings vs this study", "*Paper.*"):
         assert section in md, section
     for f in figs:
