@@ -257,3 +257,56 @@ def test_analyses_rank_k_injection_on_placed_models(folder, reference, inputs, t
         assert all(torch.equal(a, b) for a, b in zip(got, want)), placement
         mine = common.weights(h)  # the analyses read the projector's own weights from the placed model too
         assert all(torch.equal(mine[p][0], ref[p][0]) and torch.equal(mine[p][1], ref[p][1]) for p in ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Results come back on the caller's device
+# --------------------------------------------------------------------------------------------
+
+def _plain_on(t, device) -> bool:
+    return type(t) is torch.Tensor and t.device == device and not t.requires_grad
+
+
+def test_results_come_back_on_the_callers_device(folder, reference, inputs, tmp_path):
+    """A model split over "cpu" and "disk" (the LLM's later layers and the LM head as meta
+    parameters streamed from disk): logits, every cached value, every gradient and the metric
+    are plain tensors on ``handle.device``, equal to the in-memory numbers."""
+    dm = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+          "model.language_model.embed_tokens": "cpu", "model.language_model.layers.0": "cpu",
+          "model.language_model.layers.1": "disk", "model.language_model.layers.2": "disk",
+          "model.language_model.norm": "disk", "model.language_model.rotary_emb": "cpu", "lm_head": "disk"}
+    h = load(folder, device_map=dm, offload_folder=tmp_path / "offload")
+    assert h.model.lm_head.weight.device.type == "meta" and h.device == torch.device("cpu")
+    read = ["projector.out", "llm.0.resid_post", Site("llm.2.resid_post", ImageTokens()), "logits"]
+    metric = lambda logits: logits[:, -1, 5].sum()  # noqa: E731
+    for grad_of in (None, metric):
+        want = run(reference, inputs, read=read, grad_of=grad_of)
+        got = run(h, inputs, read=read, grad_of=grad_of)
+        assert _plain_on(got.logits, h.device) and torch.equal(got.logits, want.logits)
+        assert got.cache.keys() == want.cache.keys() and len(got.cache) == len(read)
+        for k in want.cache:
+            assert _plain_on(got.cache[k], h.device) and torch.equal(got.cache[k], want.cache[k]), k
+        assert got.grads.keys() == want.grads.keys()
+        for k in want.grads:
+            assert _plain_on(got.grads[k], h.device) and torch.equal(got.grads[k], want.grads[k]), k
+        if grad_of is not None:
+            assert len(got.grads) == len(read) and _plain_on(got.metric, h.device)
+            assert torch.equal(got.metric, want.metric)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the LLM's layers on the CPU, inputs on cuda:0")
+def test_results_come_back_on_the_input_gpu(folder, reference, inputs):
+    """On a GPU machine: the vision side on cuda:0, the LLM and LM head on the CPU. Reads of the
+    LLM's layers and the gradients there are computed on the CPU and returned on cuda:0."""
+    dm = {"model.vision_tower": 0, "model.multi_modal_projector": 0, "model.language_model": "cpu", "lm_head": "cpu"}
+    h = load(folder, device_map=dm)
+    assert h.device == torch.device("cuda:0")
+    read = ["projector.out", "llm.2.resid_post", "logits"]
+    got = run(h, inputs, read=read, grad_of=lambda logits: logits[:, -1, 5].sum())
+    want = run(reference, inputs, read=read, grad_of=lambda logits: logits[:, -1, 5].sum())
+    for v in (got.logits, *got.cache.values(), *got.grads.values(), got.metric):
+        assert v.device == h.device
+    for k in want.cache:
+        torch.testing.assert_close(got.cache[k].cpu(), want.cache[k], rtol=1e-4, atol=1e-5)
+    for k in want.grads:
+        torch.testing.assert_close(got.grads[k].cpu(), want.grads[k], rtol=1e-4, atol=1e-5)

@@ -178,7 +178,8 @@ def execute(handle: ModelHandle, inputs: Inputs, plan: Plan, grad_of=None, model
             skip: dict | None = None) -> RunResult:
     """Run ``plan`` in one nnsight trace. ``model_kwargs`` overrides the forward's inputs (the sweep
     feeds ``inputs_embeds``); ``skip`` maps a layer index to the output it returns unrun."""
-    inputs = inputs.to(handle.device)
+    home = handle.device   # the caller's device: results come back here, wherever their site ran
+    inputs = inputs.to(home)
     kwargs = model_kwargs if model_kwargs is not None else inputs.model_kwargs()
     if "pixel_values" in kwargs:
         kwargs["pixel_values"] = kwargs["pixel_values"].to(handle.dtype)
@@ -196,7 +197,7 @@ def execute(handle: ModelHandle, inputs: Inputs, plan: Plan, grad_of=None, model
             raise ProjLensError(f"image tokens and image features do not match ({msg.splitlines()[0].strip()}); "
                                 "encode inputs with handle.encode and the model's own processor") from None
         raise
-    result = RunResult(state["logits"], state["cache"])
+    result = RunResult(_home(state["logits"], home), state["cache"])
     if grad_of is not None:
         metric = grad_of(result.logits)
         if metric.ndim:
@@ -205,11 +206,20 @@ def execute(handle: ModelHandle, inputs: Inputs, plan: Plan, grad_of=None, model
         grads = torch.autograd.grad(metric, [state["leaves"][s][0] for s in sites], allow_unused=True)
         for s, g in zip(sites, grads):
             leaf, ctx = state["leaves"][s]
-            result.grads[s] = _read(handle, s, torch.zeros_like(leaf) if g is None else g, ctx, len(inputs)).detach()
-        result.metric = metric.detach()
+            result.grads[s] = _home(_read(handle, s, torch.zeros_like(leaf) if g is None else g, ctx,
+                                          len(inputs)).detach(), home)
+        result.metric = _home(metric.detach(), home)
         result.logits = result.logits.detach()
         result.cache = Cache({k: v.detach() for k, v in result.cache.items()})
+    result.cache = Cache({k: _home(v, home) for k, v in result.cache.items()})
     return result
+
+
+def _home(t, device: torch.device):
+    """``t`` on the caller's device (a no-op when it is there already). On a model placed across
+    devices a late layer's activation lives on the last GPU and the logits wherever accelerate's
+    ``io_same_device`` put them; results are returned where the inputs went (``handle.device``)."""
+    return t.to(device) if isinstance(t, Tensor) and t.device != device else t
 
 
 def _drive(handle, env, inputs, plan, state, skip):
