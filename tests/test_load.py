@@ -341,3 +341,37 @@ def test_disk_offload_without_folder_is_one_line(saved):
 
 def test_env_is_offline():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_public_load_passes_tp_size(tiny, saved, monkeypatch):
+    """projlens_mi.model.load(folder, tp_size=N) hands tp_size to load_checkpoint (the 2-rank run
+    itself is tests/test_placement.py::test_tensor_parallel_two_ranks, through this same entry point)."""
+    import sys
+
+    from projlens_mi.model import load
+
+    load_module = sys.modules["projlens_mi.model.load"]   # the attribute `load` is the function
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ProjLensError) as e:  # passed through: load_checkpoint's torchrun check answers
+        load(saved, tp_size=2)
+    assert "torchrun --nproc_per_node 2" in _one_line(e)
+    with pytest.raises(ProjLensError) as e:
+        load(saved, tp_size=2, device_map="auto")
+    assert "cannot be combined" in _one_line(e)
+    with pytest.raises(ProjLensError) as e:  # an in-memory model is never resharded behind the caller's back
+        load(tiny[0], processor=tiny[1], tp_size=2)
+    assert "folder or hub id" in _one_line(e)
+
+    seen = {}
+    real = load_module.load_checkpoint
+
+    def spy(source, **kw):
+        seen.update(kw)
+        return real(source, **{k: v for k, v in kw.items() if k != "tp_size"})
+
+    monkeypatch.setattr(load_module, "load_checkpoint", spy)
+    load(saved, tp_size=4)
+    assert seen["tp_size"] == 4
+    load(saved)
+    assert seen["tp_size"] is None

@@ -25,6 +25,7 @@ def main(folder: str, report_dir: str) -> None:
 
     transformers.logging.set_verbosity_error()
     from projlens_mi.engine import ImageTokens, Patch, ProjectOut, Site, run
+    from projlens_mi.model import load
     from projlens_mi.model.handle import ModelHandle
     from projlens_mi.model.load import load_checkpoint
     from projlens_mi.model.placement import is_tensor_parallel, tp_shim, wrap
@@ -32,11 +33,12 @@ def main(folder: str, report_dir: str) -> None:
 
     tp_shim()
     ref_model, processor, _ = load_checkpoint(folder)
-    tp_model, _, prov = load_checkpoint(folder, tp_size=2)
+    tp = load(folder, tp_size=2)   # the public entry point passes tp_size to load_checkpoint
+    tp_model, prov = tp.model, tp.provenance
     assert prov["tensor_parallel"]["tp_size"] == 2
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    ref, tp = ModelHandle(ref_model, processor), ModelHandle(tp_model, processor)
+    ref = ModelHandle(ref_model, processor)
     inputs = ref.encode((tiny_images(3, seed=2), [PROMPT] * 3))
     basis = torch.linalg.qr(torch.randn(48, 4, generator=torch.Generator().manual_seed(0)))[0]
     reads = ["projector.out", "llm.0.resid_post", "llm.1.attn_out", "llm.1.mlp_out", "llm.1.resid_post",
