@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from projlens_mi import Ablate, Site, load, run
+from projlens_mi import Ablate, ImageTokens, LastToken, Patch, Site, Steer, load, run
 from projlens_mi.engine import (asr, contains, generate, logit_diff, target_logit, target_logprob, target_prob,
                                 token_id)
 from projlens_mi.errors import ProjLensError
@@ -83,8 +83,8 @@ def test_generation_with_a_projector_edit(setup):
     finally:
         h.remove()
     assert ablated == handle.tokenizer.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
-    with pytest.raises(ProjLensError, match="not llm.0.resid_post"):
-        generate(handle, inputs, edits=[("llm.0.resid_post", Ablate())])
+    with pytest.raises(ProjLensError, match="logits edit"):
+        generate(handle, inputs, edits=[("logits", Ablate())])
 
 
 def test_asr_is_case_insensitive_substring():
@@ -93,3 +93,83 @@ def test_asr_is_case_insensitive_substring():
     assert asr(texts, "Cat") == 0.75
     with pytest.raises(ProjLensError):
         asr([], "cat")
+
+
+def _reference_generate(handle, model, inputs, hooks, max_new_tokens):
+    """HF generate with plain PyTorch hooks that edit only the FIRST forward call (the prefill)."""
+    layers = model.model.language_model.layers
+    handles = []
+    for (i, where), fn in hooks.items():
+        calls = {"n": 0}
+
+        def post(mod, args, out, fn=fn, calls=calls):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return fn(out.clone())
+
+        def pre(mod, args, kwargs, fn=fn, calls=calls):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                if args:
+                    return (fn(args[0].clone()), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"].clone())}
+
+        mod = layers[i] if where != "mlp" else layers[i].mlp
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True) if where == "pre"
+                       else mod.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs.model_kwargs(), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=handle.tokenizer.pad_token_id)
+    finally:
+        for h in handles:
+            h.remove()
+    return out[:, inputs.input_ids.shape[1]:]
+
+
+def test_generation_with_llm_site_edits_in_the_prefill(setup):
+    """Edits at LLM sites act on the prompt's positions in the prefill pass only (the decode steps
+    see the edited, cached keys / values): equal to HF generate with hooks on the first call."""
+    handle, model, inputs = setup
+    d = model.config.text_config.hidden_size
+    direction = torch.randn(d, generator=torch.Generator().manual_seed(4))
+    img = inputs.image_mask
+    n = 5
+    plain = generate(handle, inputs, max_new_tokens=n)
+
+    def steer(x):  # Steer(direction, 6) at every image token of rows 1 and 2
+        for r in (1, 2):
+            x[r, img[r]] += 6 * direction
+        return x
+
+    def patch_from_row0(x):  # Patch(source_row=0) at the image tokens (aligned by ordinal) of rows 1, 2
+        for r in (1, 2):
+            x[r, img[r]] = x[0, img[0]]
+        return x
+
+    def zero_row1(x):  # Ablate("zero") at every position of row 1
+        x[1] = 0
+        return x
+
+    def last(x):  # Steer(-direction, 4) at the last prompt position
+        x[:, -1] -= 4 * direction
+        return x
+
+    cases = [
+        ({(1, "post"): steer}, [(Site("llm.1.resid_post", ImageTokens()), Steer(direction, 6.0), [1, 2])]),
+        ({(0, "pre"): patch_from_row0}, [(Site("llm.0.resid_pre", ImageTokens()), Patch(source_row=0), [1, 2])]),
+        ({(2, "mlp"): zero_row1, (0, "post"): last},
+         [(Site("llm.0.resid_post", LastToken()), Steer(-direction, 4.0)),
+          (Site("llm.2.mlp_out"), Ablate("zero"), [1])]),
+    ]
+    changed = 0
+    for hooks, edits in cases:
+        want_ids = _reference_generate(handle, model, inputs, hooks, n)
+        want = handle.tokenizer.batch_decode(want_ids, skip_special_tokens=True)
+        got = generate(handle, inputs, max_new_tokens=n, edits=edits)
+        assert got == want, edits
+        changed += got != plain
+        # the first new token is the argmax of the edited prompt's last logits (one run, same edits)
+        first = run(handle, inputs, edits=edits).logits[:, -1].argmax(-1)
+        assert torch.equal(first, want_ids[:, 0]), edits
+    assert changed >= 2  # the edits move the generations (equality above is not vacuous)

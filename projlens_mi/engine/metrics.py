@@ -98,21 +98,29 @@ def target_logprob(handle: ModelHandle, inputs: Inputs, targets: list[str] | str
 def generate(handle: ModelHandle, inputs: Inputs, max_new_tokens: int = 8, edits=()) -> list[str]:
     """Greedy batched generation (left padding) through ``model.generate``; returns the new text per row.
 
-    ``edits`` may sit at projector / vision points or be ``WithWeights``: those modules run once,
-    on the prompt, so the edit means the same at every generated token. LLM-site edits are refused
-    (their token positions shift while generating).
+    ``edits`` may sit at projector / vision points, be ``WithWeights``, or sit at LLM points
+    (``llm.embed``, ``llm.{i}.resid_pre|attn_out|mlp_out|resid_post``). Every edit is applied in
+    the **prefill** pass only, i.e. to the prompt's positions (image tokens, prompt text): its
+    selector is resolved on the prompt exactly as in ``run``. The decode steps then attend to the
+    cached, edited keys / values of those positions, which is what "the prompt's activations were
+    edited" means; the generated tokens' own activations are not edited (the KV cache is forced
+    on, so the prompt is never recomputed unedited). ``logits`` edits are refused (they would
+    change the first generated token only).
     """
     edits = [as_edit(e) for e in edits]
     for e in edits:
-        if e.site is not None and e.site.point not in IMAGE_POINTS:
-            raise ProjLensError(f"generate supports edits at projector/vision sites and WithWeights, not {e.site.point}; "
-                                "use target_logprob for LLM-site edits")
+        if e.site is not None and e.site.point == "logits":
+            raise ProjLensError("generate applies edits to the prompt's activations (the prefill pass); a logits edit "
+                                "would change the first generated token only; edit an llm.{i} site instead, or use "
+                                "run / target_logprob")
     inputs = inputs.to(handle.device)
     kw = inputs.model_kwargs()
     if "pixel_values" in kw:
         kw["pixel_values"] = kw["pixel_values"].to(handle.dtype)
     tok = handle.tokenizer
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    if any(e.site is not None and e.site.point not in IMAGE_POINTS for e in edits):
+        gen["use_cache"] = True   # decode steps must reuse the edited prompt keys / values, never recompute them
     with torch.no_grad():
         if not edits:
             out = handle.model.generate(**kw, **gen)
@@ -126,6 +134,8 @@ def _generate_edited(handle, inputs, kw, gen, edits):
     plan = Plan.build(handle, inputs, (), edits)
     state = {"cache": None, "leaves": {}, "logits": None}
     from .run import _drive_points
+    # No tracer.iter: nnsight binds every request to a module's first call, which is the prefill
+    # pass over the whole prompt (the vision side runs only then anyway).
     with handle.envoy.trace(**kw, **gen, fn=handle.model.generate) as tracer:
         _drive_points(handle, inputs, plan, state)
         state["out"] = tracer.result
