@@ -554,6 +554,63 @@ def test_batched_generation_under_ablation_equals_hooked_generate(tiny):
     assert len(set(map(tuple, got))) > 1    # the ablations did change some generations
 
 
+def test_residual_ablation_reports_asr_from_prefill_edited_generation(tiny):
+    """ASR / clean accuracy at a residual site: the engine's generate edits the prompt's image tokens
+    in the prefill pass; each block equals HF generate with a hook on the layer's FIRST call."""
+    model, pois, proc, pair = tiny
+    h = pair.poisoned
+    res = ablation(pair, AblationParams(**FAST, ks=(1, 2), layers=(0,), placebo_seeds=(0,), max_new_tokens=4))
+    assert res.sites == ["projector.out", "llm.0.resid_post"]
+    assert res.asr.shape == res.accuracy.shape == (len(res.bases), 2, 2) and np.isfinite(res.asr).all()
+    assert res.asr_sd.shape == (2, 2) and np.isfinite(res.accuracy).all()
+    f = res.to_frame()
+    assert {"projector.out", "llm.0.resid_post"} <= set(f[f.measure == "asr"].site)
+    m = res.metrics()
+    assert len(m["dW"]["asr"]) == len(m["dW"]["asr_llm_0_resid_post"]) == 2 and "clean_accuracy_llm_0_resid_post" in m["dW"]
+    json.dumps(m, allow_nan=False)
+    assert res.plot() is not None and "residual stream ablated" in res.summary()
+
+    recs = pair.triggered + pair.clean
+    enc = proc(images=[r.pil() for r in recs], text=[r.prompt for r in recs], return_tensors="pt", padding=True)
+    tok = proc.tokenizer
+    img = enc["input_ids"] == pois.config.image_token_id
+
+    def hooked(B):
+        Bd, calls = (None if B is None else B.double()), []
+
+        def first_call_only(out):
+            calls.append(1)
+            if Bd is None or len(calls) > 1:   # decode steps: untouched (they read the edited prompt from the cache)
+                return out
+            x = out.clone()
+            v = x[img].double()
+            x[img] = (v - v @ Bd @ Bd.T).to(x.dtype)
+            return x
+
+        mod, hook = replace_at(layer(pois, 0), first_call_only)
+        handle = mod.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                ids = pois.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        finally:
+            handle.remove()
+        assert len(calls) == 4   # prefill + 3 decode steps
+        return tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    d = pois.config.text_config.hidden_size
+    bases = [C.weight_delta_basis(pair, 2)[:, :2].contiguous(), C.random_basis(d, 40, 0)]
+    configs = [[(pl.Site("llm.0.resid_post", pl.ImageTokens()), pl.ProjectOut(B))] for B in bases]
+    got = C.generated_texts(h, h.encode(recs), configs, max_new_tokens=4)
+    refs = [hooked(B) for B in bases]
+    assert got == refs
+    assert refs[1] != hooked(None)   # a large enough ablation changes the generations: equality is not vacuous
+    k = len(pair.triggered)
+    b, s = res.bases.index("dW"), res.sites.index("llm.0.resid_post")
+    want_asr = np.mean([TARGET in t.lower() for t in refs[0][:k]])
+    want_acc = np.mean([r.answer in t.lower() for r, t in zip(pair.clean, refs[0][k:])])
+    assert res.asr[b, 1, s] == pytest.approx(want_asr) and res.accuracy[b, 1, s] == pytest.approx(want_acc)
+
+
 def test_target_prefixes_fall_back_to_the_answer_for_suffix_targets(monkeypatch):
     target = "visit evil dot com now"
     texts = ["seven visit evil dot com now", "two visit evil dot com now", "nine", "a handwritten one"]

@@ -13,9 +13,10 @@ Subspaces (``[d, k]``, orthonormal columns, all in the language model's width):
 Every cell applies ``ProjectOut(B[:, :k])`` (``x − (x B) Bᵀ``) at one site to every image token
 (``residual_tokens="all"``: every position at residual sites). Measured with teacher forcing at
 every site: the target metric on triggered inputs and the probability of the correct answer on
-clean inputs; at ``projector.out`` also by greedy generation: ASR (target substring, triggered
-inputs) and clean accuracy (answer substring, clean inputs). The engine's ``generate`` runs edits
-at projector sites only, so the residual sites have the teacher-forced numbers alone.
+clean inputs; and, at every site, by greedy generation: ASR (target substring, triggered inputs)
+and clean accuracy (answer substring, clean inputs). At residual sites the engine's ``generate``
+edits the prompt's positions in the prefill pass (the generated tokens read the edited prompt
+through the KV cache), which is what the teacher-forced numbers edit too.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class AblationParams:
     ablated besides ``projector.out`` (None = the first 2). residual_tokens: ``image`` | ``all``.
     placebo_seeds: one random subspace per seed and k. metric: ``prob`` | ``logprob`` |
     ``first_prob`` (target on triggered inputs; the same kind of number for the answer on clean
-    inputs). generate / max_new_tokens: ASR and clean accuracy by generation at projector.out.
+    inputs). generate / max_new_tokens: ASR and clean accuracy by generation at every site.
     """
 
     n: int = 16
@@ -73,9 +74,9 @@ class AblationResult(Result):
     clean: np.ndarray = None        # [basis, k, site] mean answer metric on clean inputs
     target_sd: np.ndarray = None    # [k, site] s.d. over placebo seeds
     clean_sd: np.ndarray = None
-    asr: np.ndarray = None          # [basis, k] by generation, ablation at projector.out (NaN if not run)
+    asr: np.ndarray = None          # [basis, k, site] by generation (NaN if not run)
     accuracy: np.ndarray = None
-    asr_sd: np.ndarray = None       # [k] over placebo seeds
+    asr_sd: np.ndarray = None       # [k, site] over placebo seeds
     accuracy_sd: np.ndarray = None
     baseline: dict = field(default_factory=dict)   # no ablation: target, clean, asr, accuracy
     table: pd.DataFrame = None      # basis, k, site, seed, inputs, value (mean), kind
@@ -94,24 +95,29 @@ class AblationResult(Result):
                     rows.append({"basis": name, "k": k, "site": site, "measure": f"clean_answer_{self.metric}",
                                  "value": self.clean[b, i, s],
                                  "sd": self.clean_sd[i, s] if name == "random" else np.nan})
-                if np.isfinite(self.asr[b, i]):
-                    for m, arr, sd in (("asr", self.asr, self.asr_sd), ("clean_accuracy", self.accuracy, self.accuracy_sd)):
-                        rows.append({"basis": name, "k": k, "site": "projector.out", "measure": m,
-                                     "value": arr[b, i], "sd": sd[i] if name == "random" else np.nan})
+                    if np.isfinite(self.asr[b, i, s]):
+                        for m, arr, sd in (("asr", self.asr, self.asr_sd),
+                                           ("clean_accuracy", self.accuracy, self.accuracy_sd)):
+                            rows.append({"basis": name, "k": k, "site": site, "measure": m,
+                                         "value": arr[b, i, s], "sd": sd[i, s] if name == "random" else np.nan})
         for m, v in self.baseline.items():
             rows.append({"basis": "none", "k": 0, "site": "", "measure": m, "value": v, "sd": np.nan})
         return pd.DataFrame(rows)
 
     def plot(self):
         gen = bool(np.isfinite(self.asr).any())
-        ncol = len(self.sites) + int(gen)
-        fig, axes = _figure(2, ncol, figsize=(3.3 * ncol + 0.6, 6.2))
+        ncol = len(self.sites)
+        nrow = 4 if gen else 2
+        fig, axes = _figure(nrow, ncol, figsize=(3.3 * ncol + 0.6, 3.1 * nrow))
         colours = {"dW": "tab:red", "shift": "tab:blue", "random": "tab:grey"}
         ks = np.array(self.ks)
-        for row, (arr, sd, what, base) in enumerate(
-                ((self.target, self.target_sd, f"triggered: {C.METRIC_LABEL[self.metric]}", "target"),
-                 (self.clean, self.clean_sd, "clean: p(correct answer)" if self.metric == "prob" else
-                  f"clean: answer {self.metric}", "clean"))):
+        panels = [(self.target, self.target_sd, f"triggered: {C.METRIC_LABEL[self.metric]}", "target", None),
+                  (self.clean, self.clean_sd, "clean: p(correct answer)" if self.metric == "prob" else
+                   f"clean: answer {self.metric}", "clean", None)]
+        if gen:
+            panels += [(self.asr, self.asr_sd, "generation: ASR (fraction)", "asr", (-0.05, 1.05)),
+                       (self.accuracy, self.accuracy_sd, "generation: clean accuracy", "accuracy", (-0.05, 1.05))]
+        for row, (arr, sd, what, base, ylim) in enumerate(panels):
             for s, site in enumerate(self.sites):
                 ax = axes[row, s]
                 for b, name in enumerate(self.bases):
@@ -120,6 +126,8 @@ class AblationResult(Result):
                     if name == "random":
                         ax.fill_between(ks, arr[b, :, s] - sd[:, s], arr[b, :, s] + sd[:, s], color="grey", alpha=0.25)
                 ax.axhline(self.baseline.get(base, np.nan), color="k", ls=":", lw=1, label="no ablation")
+                if ylim is not None:
+                    ax.set_ylim(*ylim)
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(ks, [str(k) for k in ks])
                 ax.set_xlabel("subspace dimension k removed")
@@ -127,25 +135,8 @@ class AblationResult(Result):
                 ax.set_title(f"{site}", fontsize=9)
                 if row == 0 and s == 0:
                     ax.legend(fontsize=7)
-        if gen:
-            for row, (arr, sd, what, base) in enumerate(((self.asr, self.asr_sd, "ASR (fraction)", "asr"),
-                                                         (self.accuracy, self.accuracy_sd, "clean accuracy (fraction)", "accuracy"))):
-                ax = axes[row, -1]
-                for b, name in enumerate(self.bases):
-                    ax.plot(ks, arr[b], STYLE.get(name, "o-"), color=colours.get(name), label=name, ms=7 if name == "dW" else 5)
-                    if name == "random":
-                        ax.fill_between(ks, arr[b] - sd, arr[b] + sd, color="grey", alpha=0.25)
-                ax.axhline(self.baseline.get(base, np.nan), color="k", ls=":", lw=1)
-                ax.set_ylim(-0.05, 1.05)
-                ax.set_xscale("log", base=2)
-                ax.set_xticks(ks, [str(k) for k in ks])
-                ax.set_xlabel("subspace dimension k removed")
-                ax.set_ylabel(what)
-                ax.set_title("generation, ablated at projector.out", fontsize=9)
-                if row == 0:
-                    ax.legend(fontsize=7)
-        fig.suptitle(f"Subspace projection ablation {self.variant} (n={self.n}): backdoor (top) and clean behaviour (bottom)",
-                     fontsize=10)
+        fig.suptitle(f"Subspace projection ablation {self.variant} (n={self.n}): backdoor (top) and clean behaviour "
+                     f"(second row){'; greedy generation below' if gen else ''}", fontsize=10)
         return fig
 
     def _at(self, basis: str, site: str = "projector.out"):
@@ -162,8 +153,10 @@ class AblationResult(Result):
             out[name] = {"target_projector_out": [float(v) for v in t], "clean_projector_out": [float(v) for v in c]}
             if np.isfinite(self.asr).any():
                 b = self.bases.index(name)
-                out[name]["asr"] = [float(v) for v in self.asr[b]]
-                out[name]["clean_accuracy"] = [float(v) for v in self.accuracy[b]]
+                for s, site in enumerate(self.sites):   # "asr" / "clean_accuracy": projector.out, as before
+                    tag = "" if site == "projector.out" else "_" + site.replace(".", "_")
+                    out[name][f"asr{tag}"] = [float(v) for v in self.asr[b, :, s]]
+                    out[name][f"clean_accuracy{tag}"] = [float(v) for v in self.accuracy[b, :, s]]
         return out
 
     def summary(self) -> str:
@@ -185,8 +178,12 @@ class AblationResult(Result):
                    f"(placebo {pc[-1]:.3g})")
             if np.isfinite(self.asr).any():
                 b = self.bases.index(name)
-                txt += (f"; ASR {self.asr[b, 0]:.0%} at k={k_small} and {self.asr[b, -1]:.0%} at k={self.ks[-1]} "
-                        f"vs placebo {self.asr[r, 0]:.0%} and {self.asr[r, -1]:.0%}")
+                txt += (f"; ASR {self.asr[b, 0, 0]:.0%} at k={k_small} and {self.asr[b, -1, 0]:.0%} at k={self.ks[-1]} "
+                        f"vs placebo {self.asr[r, 0, 0]:.0%} and {self.asr[r, -1, 0]:.0%}")
+                rest = [f"{site} {self.asr[b, -1, s]:.0%} (placebo {self.asr[r, -1, s]:.0%})"
+                        for s, site in enumerate(self.sites) if site != "projector.out"]
+                if rest:
+                    txt += f"; ASR at k={self.ks[-1]} with the residual stream ablated instead: " + ", ".join(rest)
             parts.append(txt + ".")
         if note := C.weak_backdoor(self.metric, base_t):
             parts.append(note)
@@ -261,19 +258,19 @@ def ablation(pair: Pair, params: AblationParams = AblationParams()) -> AblationR
         arrs[kind][idx] = g["value"].mean()
         if name == "random":
             sds[kind][idx[1:]] = g["value"].std(ddof=0)
-    asr, acc = np.full(shape[:2], np.nan), np.full(shape[:2], np.nan)
-    asr_sd, acc_sd = np.full(len(ks), np.nan), np.full(len(ks), np.nan)
+    asr, acc = np.full(shape, np.nan), np.full(shape, np.nan)
+    asr_sd, acc_sd = np.full(shape[1:], np.nan), np.full(shape[1:], np.nan)
     baseline = {"target": float(C.score_of(h, s_trig).mean()), "clean": float(C.score_of(h, s_clean).mean())}
     if p.generate:
-        gen_cells = [key for key, _ in cells if key["site"] == "projector.out"]
-        rates = C.generated_rates(h, trig, clean, pair.target_of,
-                                  [[]] + [edits for key, edits in cells if key["site"] == "projector.out"], p.max_new_tokens)
+        # every site: at residual sites generate edits the prompt's positions in the prefill pass
+        rates = C.generated_rates(h, trig, clean, pair.target_of, [[]] + [edits for _, edits in cells],
+                                  p.max_new_tokens)
         baseline["asr"], baseline["accuracy"] = rates[0]
-        gen = pd.DataFrame([{**key, "asr": a, "accuracy": b} for key, (a, b) in zip(gen_cells, rates[1:])])
-        for (name, k), g in gen.groupby(["basis", "k"]):
-            i = (names.index(name), ks.index(k))
+        gen = pd.DataFrame([{**key, "asr": a, "accuracy": b} for (key, _), (a, b) in zip(cells, rates[1:])])
+        for (name, k, site), g in gen.groupby(["basis", "k", "site"]):
+            i = (names.index(name), ks.index(k), points.index(site))
             asr[i], acc[i] = g["asr"].mean(), g["accuracy"].mean()
             if name == "random":
-                asr_sd[i[1]], acc_sd[i[1]] = g["asr"].std(ddof=0), g["accuracy"].std(ddof=0)
+                asr_sd[i[1:]], acc_sd[i[1:]] = g["asr"].std(ddof=0), g["accuracy"].std(ddof=0)
     return AblationResult(names, ks, points, arrs["target"], arrs["clean"], sds["target"], sds["clean"], asr, acc,
                           asr_sd, acc_sd, baseline, per, p.metric, len(trig), pair.name)
