@@ -59,6 +59,27 @@ def test_teacher_forced_with_an_edit_changes_it(setup):
     assert plain.shape == (3,) and not torch.allclose(plain, edited)
 
 
+def test_teacher_forced_and_sequence_logprob_are_public(setup):
+    """The two halves of target_logprob, exported from projlens_mi.engine and projlens_mi: a user
+    can teacher-force, run with reads / edits / gradients, and score the target from the logits."""
+    import projlens_mi
+    import projlens_mi.engine as engine
+    from projlens_mi.engine import metrics
+
+    for name in ("teacher_forced", "sequence_logprob"):
+        assert getattr(engine, name) is getattr(projlens_mi, name) is getattr(metrics, name)
+        assert name in engine.__all__ and name in projlens_mi.__all__
+    handle, _, inputs = setup
+    targets = ["seven", "two three", "a cat ."]
+    tf, ids, mask = projlens_mi.teacher_forced(handle, inputs, targets)
+    assert tf.input_ids.shape[1] == inputs.input_ids.shape[1] + ids.shape[1] and mask.sum(1).tolist() == [1, 2, 3]
+    edits = [(Site("projector.out"), Ablate())]
+    for e in ((), edits):
+        res = run(handle, tf, read=[Site("llm.1.resid_post", LastToken())], edits=e)
+        got = projlens_mi.sequence_logprob(res.logits, inputs.input_ids.shape[1], ids, mask)
+        assert torch.equal(got, target_logprob(handle, inputs, targets, edits=e))
+
+
 def test_batched_greedy_generation_equals_one_row_at_a_time(setup):
     handle, model, inputs = setup
     texts = generate(handle, inputs, max_new_tokens=5)
