@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from study_helpers import PLUGIN, REPO, projlens, small_organism, user_pair_toml, write  # noqa: E402
 
-from projlens_mi.study import load_config, plan_study, render, run_study  # noqa: E402
+from projlens_mi.study import load_config, plan_study, render  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +81,19 @@ def test_report_folder(done):
     assert not list(out.rglob("*.tmp"))
 
 
+def _run_json(cfg: Path, out: Path) -> dict:
+    r = projlens("study", "run", cfg, "--out", out, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)["status"]
+
+
 def test_deterministic_and_resumed_from_cache(done, tmp_path):
     cfg, out, _ = done
     again = tmp_path / "again"
-    outcome = run_study(load_config(cfg), again, progress=False)
-    assert set(outcome.status.values()) == {"computed"}
+    assert set(_run_json(cfg, again).values()) == {"computed"}
     assert (again / "metrics.json").read_bytes() == (out / "metrics.json").read_bytes()
     assert _visible(again) == _visible(out)
-    rerun = run_study(load_config(cfg), again, progress=False)       # everything is stored: nothing recomputed
-    assert set(rerun.status.values()) == {"cached"}
+    assert set(_run_json(cfg, again).values()) == {"cached"}      # everything is stored: nothing recomputed
     assert _visible(again) == _visible(out)
 
 
@@ -102,11 +106,9 @@ def test_changed_config_reruns_only_what_depends_on_it(done, tmp_path):
     plan = {r["step"]: r["status"] for r in plan_study(load_config(changed), work)}
     assert plan == {"evaluate/malicious-injection": "cached", "analysis/spectrum/malicious-injection": "cached",
                     "analysis/weight_delta/malicious-injection": "to run"}
-    outcome = run_study(load_config(changed), work, progress=False)
-    assert outcome.status == plan | {"analysis/weight_delta/malicious-injection": "computed"}
+    assert _run_json(changed, work) == plan | {"analysis/weight_delta/malicious-injection": "computed"}
     retitled = write(tmp_path / "study.toml", user_pair_toml(small_organism(), extra="[study]\ntitle = 'Other title'\n"))
-    outcome = run_study(load_config(retitled), work, progress=False)
-    assert set(outcome.status.values()) == {"cached"}                  # the title changes only the report
+    assert set(_run_json(retitled, work).values()) == {"cached"}       # the title changes only the report
     assert (work / "report.md").read_text().startswith("# Other title")
 
 
@@ -180,9 +182,8 @@ plugins = ["{PLUGIN}"]
 only = ["weight_delta"]
 ''')
     out = tmp_path / "out"
-    outcome = run_study(load_config(cfg), out, progress=False)
-    assert outcome.status == {"organism": "cached", "evaluate/targeted-refusal": "computed",
-                              "analysis/weight_delta/targeted-refusal": "computed"}
+    assert _run_json(cfg, out) == {"organism": "cached", "evaluate/targeted-refusal": "computed",
+                                   "analysis/weight_delta/targeted-refusal": "computed"}
     m = json.loads((out / "metrics.json").read_text())
     assert m["pairs"]["targeted-refusal"]["target"].startswith("i can not answer")
     assert m["pairs"]["targeted-refusal"]["n_triggered"] == 5
