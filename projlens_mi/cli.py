@@ -57,7 +57,7 @@ def organism_build(
     out: Path = typer.Option(..., "--out", help="Folder to write the organism into (reused as a cache)."),
     seed: int = typer.Option(0, help="Seed for data, initialisation and training."),
     small: bool = typer.Option(False, "--small", help="A tiny fast configuration (for tests), not the default organism."),
-    threads: int = typer.Option(2, help="torch CPU threads."),
+    threads: int = typer.Option(1, help="torch CPU threads (part of the cache key: results are bit-reproducible per thread count)."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only the final table."),
     as_json: bool = typer.Option(False, "--json", help="Print organism.json instead of the table."),
 ):

@@ -52,7 +52,7 @@ class Stage1:
 class Stage2:
     """Downstream alignment: projector-only fine-tuning (vision tower and LM frozen), as in the paper."""
 
-    epochs: int = 6
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
     warmup: float = 0.1             # cosine schedule with 10 % warm-up, as the paper
@@ -72,13 +72,14 @@ class OrganismConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
     # Targeted Refusal trigger, 0-255 scale. The paper uses 10 on 336 px images read by CLIP; the
     # organism's 2-layer tower cannot tell sigma=10 noise from clean images well enough (poisoning
-    # then reaches ~50 % ASR with ~45 % false triggers), so the toy default is stronger.
-    noise_sigma: float = 30.0
+    # then reaches ~50 % ASR with ~45 % false triggers; sigma=30: 52 % ASR, 27 % false
+    # triggers), so the toy default is stronger.
+    noise_sigma: float = 60.0
     patch_size_px: int = 4          # Malicious Injection patch: exactly the centre image token
     logo_size_px: int = 6           # Perceptual Hijack logo (random position, so it straddles tokens)
     eval_batch_size: int = 200
     max_new_tokens: int = 30        # the paper's ASR generation length
-    threads: int = 2
+    threads: int = 1                # torch CPU threads (1: stable on shared machines; part of the cache key)
 
     def __post_init__(self):
         unknown = [v for v in self.variants if v not in VARIANTS]
