@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
-from .run import Plan, as_edit, execute
+from .run import Plan, as_edit, exclusive, execute
 from .sites import IMAGE_POINTS
 
 
@@ -121,7 +121,7 @@ def generate(handle: ModelHandle, inputs: Inputs, max_new_tokens: int = 8, edits
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     if any(e.site is not None and e.site.point not in IMAGE_POINTS for e in edits):
         gen["use_cache"] = True   # decode steps must reuse the edited prompt keys / values, never recompute them
-    with torch.no_grad():
+    with torch.no_grad(), exclusive(handle):   # one trace / generation of this model at a time
         if not edits:
             out = handle.model.generate(**kw, **gen)
         else:

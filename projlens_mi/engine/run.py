@@ -19,6 +19,9 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -186,7 +189,7 @@ def execute(handle: ModelHandle, inputs: Inputs, plan: Plan, grad_of=None, model
     state = {"cache": Cache(), "leaves": {}, "logits": None}
     env = handle.envoy
     try:
-        with torch.set_grad_enabled(grad_of is not None):
+        with torch.set_grad_enabled(grad_of is not None), exclusive(handle):
             with env.trace(**kwargs):
                 _drive(handle, env, inputs, plan, state, skip or {})
     except ValueError as err:
@@ -220,6 +223,60 @@ def _home(t, device: torch.device):
     devices a late layer's activation lives on the last GPU and the logits wherever accelerate's
     ``io_same_device`` put them; results are returned where the inputs went (``handle.device``)."""
     return t.to(device) if isinstance(t, Tensor) and t.device != device else t
+
+
+# --- one trace at a time per model -------------------------------------------------------------
+
+class _TraceLock:
+    """A re-entrant lock and how deep its owner is in it (changed only while holding it)."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.depth = 0
+
+
+_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, _TraceLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive(handle: ModelHandle):
+    """Hold the model's trace lock, and start from a clean nnsight interleaver.
+
+    nnsight keeps a trace's workers on the wrapper's one ``Interleaver`` (a plain list shared by
+    every trace of that wrapper) and routes every module call of the model to whichever wrapper's
+    interleaver is running, in any thread. Two traces at once (two threads, e.g. a progress or
+    UI thread next to a sweep), or a plain forward of the same model in another thread during a
+    trace, cross each other's greenlets: ``'NoneType' object has no attribute 'event'`` (one
+    trace's end-of-run check meets the other's worker while it is starting), "Cannot switch to
+    a different thread", ``OutOfOrderError``, or values served to the wrong trace. Every trace
+    and generation the engine opens on a model holds this (re-entrant) lock, keyed by the model
+    so that all handles of one model share it. A worker left on the interleaver by a trace that
+    did not clean up is dropped first (``Interleaver.cancel``). See docs/engine.md, known issues.
+    """
+    model = handle.model
+    with _LOCKS_GUARD:
+        tl = _LOCKS.get(model)
+        if tl is None:
+            tl = _LOCKS[model] = _TraceLock()
+    with tl.lock:
+        if tl.depth == 0:   # outermost entry: no trace of this model runs now, its interleaver must be idle
+            _reset_interleaver(handle.envoy)
+        tl.depth += 1
+        try:
+            yield
+        finally:
+            tl.depth -= 1
+
+
+def _reset_interleaver(env) -> None:
+    """Drop what a previous trace left on ``env``'s interleaver (no trace of this model is running)."""
+    inter = getattr(env, "interleaver", None)
+    if inter is None:
+        return
+    if inter.mediators or inter.interleaving or inter.batcher is not None:
+        inter.interleaving = False
+        inter.cancel()
 
 
 def _drive(handle, env, inputs, plan, state, skip):
