@@ -126,24 +126,13 @@ def _forward(model, batch_ids, mask, images, cached: bool, overlays=None):
     return model(input_ids=batch_ids, attention_mask=mask, pixel_values=images).logits
 
 
-def train_loop(model, params, data: TrainSet, *, steps: int, batch_size: int, lr: float, warmup: float,
-               weight_decay: float, seed: int, cached: bool, pad_id: int, log=None) -> list[float]:
-    """AdamW with a cosine schedule over ``steps`` shuffled mini-batches; returns the loss curve."""
+def optimize(params, loss_at, *, steps: int, lr: float, weight_decay: float, warmup: float, log=None) -> list[float]:
+    """AdamW with a cosine schedule (linear warm-up) for ``steps`` steps of ``loss_at(step)``; the loss curve."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=gen)
-    pos, losses = 0, []
-    model.train()
+    losses = []
     for step in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = torch.randperm(len(data), generator=gen), 0
-        idx = order[pos: pos + batch_size].tolist()
-        pos += batch_size
-        ids, mask, lab = pad_batch([data.input_ids[i] for i in idx], [data.labels[i] for i in idx], pad_id)
-        images = data.images[data.image_index[idx]]
-        overlays = [data.overlays[i] for i in idx] if data.overlays is not None else None
-        loss = answer_loss(_forward(model, ids, mask, images, cached, overlays), lab)
+        loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -151,8 +140,30 @@ def train_loop(model, params, data: TrainSet, *, steps: int, batch_size: int, lr
         losses.append(loss.item())
         if log and (step % 100 == 0 or step == steps - 1):
             log(step, losses[-1])
-    model.eval()
     return losses
+
+
+def train_loop(model, params, data: TrainSet, *, steps: int, batch_size: int, lr: float, warmup: float,
+               weight_decay: float, seed: int, cached: bool, pad_id: int, log=None) -> list[float]:
+    """``steps`` shuffled mini-batches of answer-token cross-entropy (epoch after epoch, reshuffled)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {"order": torch.randperm(len(data), generator=gen), "pos": 0}
+
+    def loss_at(step):
+        if state["pos"] + batch_size > len(state["order"]):
+            state["order"], state["pos"] = torch.randperm(len(data), generator=gen), 0
+        idx = state["order"][state["pos"]: state["pos"] + batch_size].tolist()
+        state["pos"] += batch_size
+        ids, mask, lab = pad_batch([data.input_ids[i] for i in idx], [data.labels[i] for i in idx], pad_id)
+        images = data.images[data.image_index[idx]]
+        overlays = [data.overlays[i] for i in idx] if data.overlays is not None else None
+        return answer_loss(_forward(model, ids, mask, images, cached, overlays), lab)
+
+    model.train()
+    try:
+        return optimize(params, loss_at, steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, log=log)
+    finally:
+        model.eval()
 
 
 def pretrain_vision(model, pixel_values: Tensor, labels: Int[Tensor, "n"], *, steps: int, batch_size: int, lr: float,
@@ -163,27 +174,20 @@ def pretrain_vision(model, pixel_values: Tensor, labels: Int[Tensor, "n"], *, st
     dropped); the head is discarded afterwards. Like LLaVA, the base then uses the pre-trained tower.
     """
     tower = model.model.vision_tower
-    n_classes = int(labels.max()) + 1
-    head = torch.nn.Linear(model.config.vision_config.hidden_size, n_classes)
-    params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, int(labels.max()) + 1)
     gen = torch.Generator().manual_seed(seed)
-    tower.train()
-    losses = []
-    for step in range(steps):
+
+    def loss_at(step):
         idx = torch.randint(0, len(labels), (batch_size,), generator=gen)
         feats = vision_features(model, pixel_values[idx], grad=True)
-        loss = F.cross_entropy(head(feats.mean(1)), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(step, losses[-1])
-    tower.eval()
-    return losses
+        return F.cross_entropy(head(feats.mean(1)), labels[idx])
+
+    tower.train()
+    try:
+        return optimize(list(tower.parameters()) + list(head.parameters()), loss_at, steps=steps, lr=lr,
+                        weight_decay=weight_decay, warmup=warmup, log=log)
+    finally:
+        tower.eval()
 
 
 def train_base(model, data: TrainSet, *, steps: int, batch_size: int, lr: float, warmup: float,
