@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from projlens_mi.analyses import Result, analysis, register_result  # noqa: E402
 from projlens_mi.engine import ImageTokens, Site, run  # noqa: E402
+from projlens_mi.model.placement import weight_of  # noqa: E402
 
 
 @dataclass
@@ -56,8 +57,9 @@ def weight_delta(pair, params: WeightDeltaParams) -> WeightDeltaResult:
     """Frobenius norm of the projector update, and projector-output norms (test plugin)."""
     layers, fro = [], []
     for path in pair.poisoned.adapter.projector_linears:
-        w_ft = pair.poisoned.module(path).weight.detach().double()
-        w_b = pair.base.module(path).weight.detach().double()
+        # weight_of: a real copy also when the study placed the model with offload ([run] device_map)
+        w_ft = weight_of(pair.poisoned.module(path)).double()
+        w_b = weight_of(pair.base.module(path)).double()
         layers.append(path.split(".")[-1])
         fro.append(float((w_ft - w_b).norm()))
     site = Site("projector.out", ImageTokens())

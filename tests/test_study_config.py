@@ -91,6 +91,14 @@ BAD = {
     "bad dtype": (MINIMAL + "[run]\ndtype = 'fp8'\n", "run.dtype = 'fp8'"),
     "bad batch size": (MINIMAL + "[run]\nbatch_size = -4\n", "run.batch_size = -4"),
     "unknown run key": (MINIMAL + "[run]\ngpus = 2\n", "unknown key run.gpus"),
+    "bad device_map": (MINIMAL + "[run]\ndevice_map = 'everywhere'\n", "run.device_map = 'everywhere' is not a device map"),
+    "device_map wrong type": (MINIMAL + "[run]\ndevice_map = 1.5\n", "run.device_map = 1.5 is not a device map"),
+    "empty device_map": (MINIMAL + "[run]\ndevice_map = {}\n", "run.device_map = {} is empty"),
+    "bad device_map device": (MINIMAL + "[run]\ndevice_map = {'' = 'gpu'}\n", "module '' -> 'gpu' is not a device"),
+    "bad max_memory": (MINIMAL + "[run]\nmax_memory = '70GiB'\n", "run.max_memory = '70GiB' is not a memory budget"),
+    "bad max_memory size": (MINIMAL + "[run]\nmax_memory = {cpu = 'lots'}\n", "cpu = 'lots' is not a size"),
+    "bad max_memory device": (MINIMAL + "[run]\nmax_memory = {gpu = '1GB'}\n", "'gpu' is not a device"),
+    "bad offload_folder": (MINIMAL + "[run]\noffload_folder = 3\n", "run.offload_folder = 3 is not a folder"),
     "unknown analysis": (MINIMAL + "[analyses.spectrun]\n", "unknown analysis [analyses.spectrun]"),
     "unknown analysis param": (MINIMAL + f'[analyses]\nplugins = ["{PLUGIN}"]\n[analyses.weight_delta]\nm = 3\n',
                                "unknown key analyses.weight_delta.m; allowed: enabled, n, seed"),
@@ -125,6 +133,23 @@ def test_bad_config_is_one_line_error_exit_nonzero_nothing_written(user, case):
     assert res.exit_code != 0
     assert expected in res.output and res.output.count("\n") == 1, res.output
     assert not out.exists()
+
+
+def test_run_placement_keys_reach_load(user):
+    """[run] device_map (string or table), max_memory and offload_folder (relative to the config) go to load()."""
+    from projlens_mi.study.runner import Models
+
+    cfg = load_config(_write(user, MINIMAL + "[run]\ndevice_map = {'model.vision_tower' = 'cpu', 'model.language_model' = 'disk', "
+                                          "lm_head = 0}\nmax_memory = {0 = '1GiB', cpu = '300KB', disk = 1000000}\n"
+                                          "offload_folder = 'offload'\n"))
+    kw = Models(cfg).load_kw()
+    assert kw["device_map"] == {"model.vision_tower": "cpu", "model.language_model": "disk", "lm_head": 0}
+    assert kw["max_memory"] == {0: "1GiB", "cpu": "300KB", "disk": 1000000}
+    assert kw["offload_folder"] == str((user / "offload").resolve())
+    cfg = load_config(_write(user, MINIMAL + "[run]\ndevice_map = 'auto'\n"))
+    assert Models(cfg).load_kw()["device_map"] == "auto" and "offload_folder" not in Models(cfg).load_kw()
+    cfg = load_config(_write(user, MINIMAL + "[run]\ndevice = 'cuda:0'\nmax_memory = {cpu = '1GB'}\n"))
+    assert "device_map" not in Models(cfg).load_kw()   # max_memory without device_map: load() places with "auto"
 
 
 def test_bad_jsonl_line_is_reported_with_file_and_line(user):

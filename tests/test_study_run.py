@@ -188,3 +188,26 @@ only = ["weight_delta"]
     assert m["pairs"]["targeted-refusal"]["target"].startswith("i can not answer")
     assert m["pairs"]["targeted-refusal"]["n_triggered"] == 5
     assert render(out)["asr"] == m["asr"]
+
+
+def test_device_map_study_gives_the_same_metrics(done, org, tmp_path):
+    """[run] device_map / max_memory / offload_folder: the models are placed by accelerate (a budget
+    of 100 kB of CPU memory sends the rest of each model to disk) and the study's metrics.json
+    equals the in-memory run's, apart from the config hash (the config differs)."""
+    from projlens_mi.model import load
+    from projlens_mi.study.runner import Models
+
+    _, out, _ = done
+    extra = '[run]\ndevice_map = "sequential"\nmax_memory = {cpu = "100KB"}\noffload_folder = "offload"\n'
+    cfg = write(tmp_path / "study.toml", user_pair_toml(org).replace("threads = 1\n", "threads = 1\n" + extra.removeprefix("[run]\n")))
+    loaded = load_config(cfg)
+    assert loaded.run.device_map == "sequential" and loaded.run.offload_folder == str((tmp_path / "offload").resolve())
+    h = load(loaded.model.poisoned, **Models(loaded).load_kw())          # what the study loads: really split
+    assert "disk" in h.provenance["device_map"].values() and "cpu" in h.provenance["device_map"].values()
+    placed = tmp_path / "out"
+    r = projlens("study", "run", cfg, "--out", placed, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    want, got = (json.loads((o / "metrics.json").read_text()) for o in (out, placed))
+    assert want["study"].pop("config_hash") != got["study"].pop("config_hash")
+    assert got == want
+    assert (tmp_path / "offload").is_dir()

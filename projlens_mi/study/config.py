@@ -48,6 +48,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RESERVED_ANALYSIS_KEYS = ("only", "plugins")
 DEVICES = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+MAP_DEVICE = re.compile(r"^(cpu|disk|mps|cuda(:\d+)?|\d+)$")          # where one module of a device map may go
+MEMORY_DEVICE = re.compile(r"^(cpu|disk|mps|cuda:\d+|\d+)$")          # a max_memory key (a GPU index is a number)
+MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
 
 class _Strict(BaseModel):
@@ -112,9 +116,55 @@ class RunSection(_Strict):
     dtype: str = "float32"
     batch_size: int = Field(32, gt=0)
     seed: int = 0
-    device_map: str | None = None
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
     threads: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(30, gt=0)
+
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def _device_map(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, str):
+            if v not in DEVICE_MAP_STRATEGIES and not MAP_DEVICE.match(v):
+                raise ValueError(f"= {v!r} is not a device map; allowed: {', '.join(DEVICE_MAP_STRATEGIES)}, a device "
+                                 "(cpu, disk, cuda:N) or a table {module = device}")
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"= {v!r} is not a device map; allowed: {', '.join(DEVICE_MAP_STRATEGIES)}, a device "
+                             "(cpu, disk, cuda:N) or a table {module = device}")
+        if not v:
+            raise ValueError("= {} is empty; map module names to devices, e.g. {\"\" = \"cpu\"}")
+        for k, d in v.items():
+            ok = (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and MAP_DEVICE.match(d))
+            if not ok:
+                raise ValueError(f"= {v!r}: module {k!r} -> {d!r} is not a device; allowed: cpu, disk, mps, cuda:N or a GPU index")
+        return v
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _max_memory(cls, v):
+        if v is None:
+            return v
+        if not isinstance(v, dict) or not v:
+            raise ValueError(f"= {v!r} is not a memory budget; give a table {{device = size}}, e.g. {{0 = \"70GiB\", cpu = \"200GiB\"}}")
+        for k, size in v.items():
+            if not MEMORY_DEVICE.match(str(k)):
+                raise ValueError(f"= {v!r}: {k!r} is not a device; allowed keys: cpu, disk, mps, cuda:N or a GPU index")
+            ok = (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (
+                isinstance(size, str) and MEMORY_SIZE.match(size.strip()))
+            if not ok:
+                raise ValueError(f"= {v!r}: {k} = {size!r} is not a size; give bytes (an int) or a string like \"70GiB\", \"300MB\"")
+        return v
+
+    @field_validator("offload_folder", mode="before")
+    @classmethod
+    def _offload_folder(cls, v):
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ValueError(f"= {v!r} is not a folder; give a path (relative to the config file's folder)")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -434,6 +484,9 @@ def config_from_dict(raw: dict, path: str | Path) -> StudyConfig:
                             "and target; study one variant (model.variants = [\"...\"]) or leave them out")
     if backdoor.trigger is not None:
         _trigger(backdoor.trigger, "backdoor.trigger")
+    if run.offload_folder is not None:
+        run = run.model_copy(update={"offload_folder": _resolve_path(folder, run.offload_folder, "run.offload_folder",
+                                                                     must_exist=False)})
 
     analyses, plugins = _analyses(raw, run, folder)
     return StudyConfig(path=str(path), study=study, model=model, data=data, backdoor=backdoor, run=run,

@@ -103,8 +103,12 @@ class Models:
             kw["dtype"] = getattr(torch, r.dtype)
         if r.device_map is not None:
             kw["device_map"] = r.device_map
-        elif r.device != "cpu":
+        elif r.device != "cpu" and r.max_memory is None:
             kw["device_map"] = r.device
+        if r.max_memory is not None:   # TOML keys are strings; accelerate wants a GPU as its index
+            kw["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in r.max_memory.items()}
+        if r.offload_folder is not None:
+            kw["offload_folder"] = r.offload_folder
         return kw
 
     def get(self, source: str):
