@@ -120,7 +120,6 @@ class Builder:
         self.processor = build_processor(tasks.vocabulary(), m.image_size, m.patch_size)
         self.tokens = Tokens(self.processor, self.n_img)
         self.triggers = make_triggers(cfg)
-        self.timings: dict[str, float] = {}
         digits = tasks.Digits.load()
         self.digits = digits
         self.train_idx, self.test_idx = digits.split(cfg.n_test, cfg.seed)
