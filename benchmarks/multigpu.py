@@ -3,6 +3,7 @@
     python benchmarks/multigpu.py                       # LLaVA-1.5-7B architecture, random bf16 weights
     python benchmarks/multigpu.py --arch small          # a 2-minute version (LLaVA-sized CLIP, 1B-ish LM)
     python benchmarks/multigpu.py --cpu-check           # no GPU: tiny model, CPU + disk stand in for 2 GPUs
+    python benchmarks/multigpu.py --one-gpu             # one GPU: all on it vs half the LLM offloaded to CPU
     python benchmarks/multigpu.py --append BENCHMARKS.md --json out.json
 
 What it does (random weights built from a config, nothing downloaded):
@@ -55,7 +56,8 @@ ARCHS = {
 }
 
 
-def build(arch: dict, folder: Path, device: str, dtype: torch.dtype) -> None:
+def make(arch: dict, device: str, dtype: torch.dtype):
+    """A random-weight LLaVA of ``arch`` built directly in ``dtype`` on ``device`` (no fp32 copy), and its processor."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from projlens_mi.organism.processor import build_processor
@@ -74,8 +76,13 @@ def build(arch: dict, folder: Path, device: str, dtype: torch.dtype) -> None:
         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu")
     torch.manual_seed(0)
-    with torch.device(device):  # built directly in ``dtype`` on the device: no fp32 copy of 7B weights
+    with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype).eval()
+    return model, processor
+
+
+def build(arch: dict, folder: Path, device: str, dtype: torch.dtype) -> None:
+    model, processor = make(arch, device, dtype)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     del model
@@ -98,6 +105,8 @@ def placements(args, n_layers: int) -> dict:
         return {"one": {"device_map": {"": "cpu"}},
                 "split": {"device_map": split_map(n_layers, "cpu", "disk"), "offload_folder": "disk"}}
     n = torch.cuda.device_count()
+    if args.one_gpu:  # one GPU: the second half of the LLM offloaded to CPU RAM (accelerate streams it in)
+        return {"one": {"device_map": {"": 0}}, "gpu+cpu": {"device_map": split_map(n_layers, 0, "cpu")}}
     out = {"one": {"device_map": {"": 0}}, "split": {"device_map": split_map(n_layers, 0, 1)}}
     if n >= 3:
         out["balanced"] = {"device_map": "balanced"}
@@ -215,12 +224,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpu-check", action="store_true", help="no GPU: tiny model, CPU and disk stand in for 2 GPUs")
+    ap.add_argument("--one-gpu", action="store_true",
+                    help="a single GPU: all on it vs the second half of the LLM offloaded to CPU RAM")
     ap.add_argument("--workdir", default=None, help="where the random checkpoint is saved (default: a temp folder)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--append", default=None)
     args = ap.parse_args()
     arch_name = args.arch or ("tiny" if args.cpu_check else "7b")
-    if not args.cpu_check and torch.cuda.device_count() < 2:
+    if not args.cpu_check and torch.cuda.device_count() < (1 if args.one_gpu else 2):
         sys.exit(f"needs 2+ GPUs, found {torch.cuda.device_count()}; use --cpu-check to exercise the script on CPU")
     import transformers
 

@@ -81,20 +81,43 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.to
 DEFAULT_DEMO_OUT = Path("projlens-demo")
 
 
+def _run_overrides(device_map: Optional[str], max_memory: Optional[str], offload_folder: Optional[Path],
+                   tp_size: Optional[int], workers: Optional[int]) -> dict:
+    """CLI flags that replace ``[run]`` keys (validated with the config, same one-line errors)."""
+    run: dict = {}
+    for key, text in (("device_map", device_map), ("max_memory", max_memory)):
+        if text is not None:
+            try:
+                run[key] = json.loads(text) if text.lstrip().startswith("{") else text
+            except ValueError as err:
+                raise ProjLensError(f"--{key.replace('_', '-')} {text!r} is not JSON ({err}); give e.g. "
+                                    "'{\"0\": \"70GiB\", \"cpu\": \"200GiB\"}'") from None
+    if offload_folder is not None:
+        run["offload_folder"] = str(offload_folder.resolve())
+    if tp_size is not None:
+        run["tp_size"] = tp_size
+    if workers is not None:
+        run["workers"] = workers
+    return run
+
+
 def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: bool, organism: Optional[Path] = None,
-               header: str = "") -> None:
+               header: str = "", run: Optional[dict] = None) -> None:
     _quiet_hf()
     from . import study
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0   # under torchrun only rank 0 prints
     try:
-        cfg = study.load_config(config, organism=organism)
+        cfg = study.load_config(config, organism=organism, run=run)
         if plan:
             rows = study.plan_study(cfg, out)
             typer.echo(json.dumps(rows, indent=2) if as_json else study.format_plan(rows))
             return
-        talk = not (quiet or as_json)
+        talk = not (quiet or as_json) and rank0
         outcome = study.run_study(cfg, out, log=(lambda m: typer.echo(m, err=True)) if talk else None, progress=talk)
     except ProjLensError as err:
         _fail(err)
+    if not rank0:
+        raise typer.Exit(1 if outcome.failed else 0)
     metrics = json.loads((out / "metrics.json").read_text())
     if as_json:
         typer.echo(json.dumps({"out": str(out), "status": outcome.status, "errors": outcome.errors,
@@ -116,9 +139,23 @@ def study_run(
     plan: bool = typer.Option(False, "--plan", help="List the steps, which are cached, and their estimated cost; run nothing."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress; print one line at the end."),
     as_json: bool = typer.Option(False, "--json", help="Print the result (status per step and metrics.json) as JSON."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Replaces [run] device_map: auto, balanced, "
+                                             "balanced_low_0, sequential, a device, or a JSON table {module: device}."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Replaces [run] max_memory: JSON, e.g. "
+                                             "'{\"0\": \"70GiB\", \"cpu\": \"200GiB\"}'."),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help="Replaces [run] offload_folder "
+                                                  "(disk offload; relative to the current folder)."),
+    tp_size: Optional[int] = typer.Option(None, "--tp-size", help="Replaces [run] tp_size: shard every model over "
+                                          "N ranks; launch with torchrun --nproc_per_node N (docs/scaling.md)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Replaces [run] workers: compute steps in N "
+                                          "processes (same numbers)."),
 ):
     """Run every step of a study not stored yet and write the report folder (resumable, deterministic)."""
-    _run_study(config, out, plan=plan, quiet=quiet, as_json=as_json)
+    try:
+        run = _run_overrides(device_map, max_memory, offload_folder, tp_size, workers)
+    except ProjLensError as err:
+        _fail(err)
+    _run_study(config, out, plan=plan, quiet=quiet, as_json=as_json, run=run)
 
 
 @app.command("report")

@@ -121,6 +121,8 @@ class RunSection(_Strict):
     offload_folder: str | None = None
     threads: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(30, gt=0)
+    workers: int = Field(1, gt=0)            # steps computed in this many processes (numbers unchanged)
+    tp_size: int | None = Field(None, gt=0)  # transformers tensor parallelism; launch with torchrun
 
     @field_validator("device_map", mode="before")
     @classmethod
@@ -414,10 +416,11 @@ def _analyses(raw: dict, run: RunSection, folder: Path) -> tuple[dict[str, Analy
     return out, [str(p) for p in plugins]
 
 
-def load_config(path: str | Path, *, organism: str | Path | None = None) -> StudyConfig:
+def load_config(path: str | Path, *, organism: str | Path | None = None, run: dict | None = None) -> StudyConfig:
     """Read and validate a study TOML; raises ``ProjLensError`` with one line naming the key.
 
-    ``organism`` replaces ``[model] organism`` (what ``projlens demo --organism`` passes).
+    ``organism`` replaces ``[model] organism`` (what ``projlens demo --organism`` passes); ``run``
+    replaces keys of ``[run]`` (the CLI's ``--device-map``, ``--tp-size``, ...), validated alike.
     """
     path = Path(path)
     if not path.is_file():
@@ -432,6 +435,10 @@ def load_config(path: str | Path, *, organism: str | Path | None = None) -> Stud
         if not isinstance(raw.get("model"), dict) or "organism" not in raw["model"]:
             raise ProjLensError(f"{path} is not an organism study ([model] organism); --organism does not apply")
         raw["model"]["organism"] = str(Path(organism).resolve())
+    if run:
+        if not isinstance(raw.get("run", {}), dict):
+            raise ProjLensError(f"{path}: run must be a table [run]")
+        raw["run"] = {**raw.get("run", {}), **run}
     return config_from_dict(raw, path)
 
 
@@ -484,6 +491,14 @@ def config_from_dict(raw: dict, path: str | Path) -> StudyConfig:
                             "and target; study one variant (model.variants = [\"...\"]) or leave them out")
     if backdoor.trigger is not None:
         _trigger(backdoor.trigger, "backdoor.trigger")
+    if run.tp_size is not None:
+        placed = [k for k in ("device_map", "max_memory", "offload_folder") if getattr(run, k) is not None]
+        if placed:
+            raise ProjLensError(f"run.tp_size = {run.tp_size} with run.{placed[0]}: tensor parallelism shards every layer "
+                                "over the ranks; use one or the other")
+        if run.workers > 1:
+            raise ProjLensError(f"run.tp_size = {run.tp_size} with run.workers = {run.workers}: the ranks already share "
+                                "the work; set workers = 1")
     if run.offload_folder is not None:
         run = run.model_copy(update={"offload_folder": _resolve_path(folder, run.offload_folder, "run.offload_folder",
                                                                      must_exist=False)})

@@ -76,7 +76,9 @@ def _fig_bytes(fig) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    # a figure with a layout engine already fits its margins; "tight" would draw it a second time
+    tight = "tight" if fig.get_layout_engine() is None else None
+    fig.savefig(buf, format="png", dpi=110, bbox_inches=tight, metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
 
@@ -229,22 +231,64 @@ def _figures_of(result) -> dict:
     return figs if isinstance(figs, dict) else {"": figs}
 
 
+def _step_figures(stored_result: dict) -> dict[str, bytes] | str:
+    """PNG bytes of one stored result's figures, or the one-line reason there are none."""
+    from ..analyses import result_from_dict
+    try:
+        figs = _figures_of(result_from_dict(stored_result))
+    except NotImplementedError:
+        return {}
+    except Exception as err:  # a plotting bug must not lose the other results
+        return f"{type(err).__name__}: {err}"
+    return {key: _fig_bytes(fig) for key, fig in figs.items()}
+
+
+def _figure_worker_init(manifest: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    _import_for(manifest)
+
+
+def _all_figures(manifest: dict, jobs: dict[str, dict], workers: int) -> dict:
+    """``{step id: figures or error}`` for every stored result, drawn in ``workers`` processes.
+
+    Drawing is most of a report's time (matplotlib lays out every tick label); PNG bytes do not
+    depend on the process that drew them.
+    """
+    if workers <= 1 or len(jobs) < 4:
+        return {k: _step_figures(v) for k, v in jobs.items()}
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                             initializer=_figure_worker_init, initargs=(manifest,)) as pool:
+        return dict(zip(jobs, pool.map(_step_figures, jobs.values())))
+
+
 # ------------------------------------------------------------------------------------------ render
-def render(out: str | Path, log=None) -> dict:
-    """Write metrics.json, tables/, figures/, report.md and report.html from the stored steps."""
+def render(out: str | Path, log=None, workers: int | None = None) -> dict:
+    """Write metrics.json, tables/, figures/, report.md and report.html from the stored steps.
+
+    ``workers``: processes that draw the figures (default: the study's ``[run] workers``).
+    """
     from ..analyses import result_from_dict
     out = Path(out)
     log = log or (lambda m: None)
     manifest, stored = load_study(out)
     _import_for(manifest)
+    if workers is None:
+        workers = int(manifest["config"].get("run", {}).get("workers") or 1)
+    jobs = {s["id"]: stored[s["id"]]["result"] for s in manifest["steps"]
+            if s["kind"] == "analysis" and not s.get("skipped") and isinstance(stored.get(s["id"]), dict)
+            and isinstance(stored[s["id"]].get("result"), dict)}
+    drawn = _all_figures(manifest, jobs, workers)
     metrics = build_metrics(manifest, stored)
     cfg = manifest["config"]
     pairs = [p["name"] for p in manifest["pairs"]]
     written: set[Path] = set()
 
-    def put_fig(name: str, fig) -> str:
+    def put_png(name: str, png: bytes) -> str:
         path = out / "figures" / f"{_slug(name)}.png"
-        _atomic_bytes(path, _fig_bytes(fig))
+        _atomic_bytes(path, png)
         written.add(path)
         return f"figures/{path.name}"
 
@@ -264,7 +308,7 @@ def render(out: str | Path, log=None) -> dict:
             rows.append({"pair": p, "model": m, **r, "n_clean": e["n_clean"], "n_triggered": e["n_triggered"]})
     eval_frame = pd.DataFrame(rows)
     put_table("evaluation", eval_frame)
-    eval_fig = put_fig("evaluation", evaluation_figure(metrics)) if rows else None
+    eval_fig = put_png("evaluation", _fig_bytes(evaluation_figure(metrics))) if rows else None
 
     md = []
     st = cfg["study"]
@@ -321,16 +365,13 @@ def render(out: str | Path, log=None) -> dict:
                 frames.append(frame)
             except NotImplementedError:
                 pass
-            try:
-                figs = _figures_of(result)
-            except NotImplementedError:
+            figs = drawn.get(s["id"], {})
+            if isinstance(figs, str):
+                log(f"{s['id']}: plot failed: {figs}")
+                md.append(f"(figure failed: {figs.split(':')[0]})\n")
                 figs = {}
-            except Exception as err:  # a plotting bug must not lose the other results
-                log(f"{s['id']}: plot failed: {type(err).__name__}: {err}")
-                md.append(f"(figure failed: {type(err).__name__})\n")
-                figs = {}
-            for key, fig in figs.items():
-                rel = put_fig(f"{name}-{s['pair']}" + (f"-{key}" if key else ""), fig)
+            for key, png in figs.items():
+                rel = put_png(f"{name}-{s['pair']}" + (f"-{key}" if key else ""), png)
                 md.append(f"![{name} {s['pair']} {key}]({rel})\n")
             headline = _scalars(payload.get("metrics", {}))
             if headline and not summary:

@@ -109,6 +109,8 @@ class Models:
             kw["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in r.max_memory.items()}
         if r.offload_folder is not None:
             kw["offload_folder"] = r.offload_folder
+        if r.tp_size is not None:
+            kw["tp_size"] = r.tp_size
         return kw
 
     def get(self, source: str):
@@ -275,8 +277,100 @@ def format_plan(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ run
+def _rank() -> int:
+    """This process' rank under torchrun (0 without it): only rank 0 writes the report folder."""
+    import os
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+class _Computer:
+    """Computes steps of one study in one process, loading each pair once."""
+
+    def __init__(self, cfg: StudyConfig, pairs: list[PairSpec], progress: bool):
+        self.cfg, self.progress = cfg, progress
+        self.models = Models(cfg)
+        self.loaded: dict[str, object] = {}
+        self.by_pair = {p.name: p for p in pairs}
+
+    def __call__(self, s: Step, log) -> tuple[str, dict | str, float]:
+        """(status, payload or error, seconds); a failing step never stops the study."""
+        import torch
+        from tqdm.auto import tqdm
+        t0 = time.perf_counter()
+        cfg, progress = self.cfg, self.progress
+        try:
+            if s.pair not in self.loaded:
+                log(f"loading pair {s.pair}")
+                self.loaded[s.pair] = self.models.pair(cfg, self.by_pair[s.pair])
+            pair = self.loaded[s.pair]
+            torch.manual_seed(cfg.run.seed)
+            np.random.seed(cfg.run.seed % 2**32)
+            if s.kind == "evaluate":
+                sub = tqdm(total=len(pair.data) * (3 if pair.control else 2), desc=f"evaluate {s.pair}", unit="rec",
+                           disable=not progress, leave=False)
+                payload = {"evaluation": evaluate_pair(pair, cfg.run.batch_size, cfg.run.max_new_tokens, sub.update)}
+                sub.close()
+            else:
+                payload = run_analysis(s.analysis, pair, cfg.analyses[s.analysis].params, progress)
+        except ProjLensError as err:
+            log(f"{s.id}: failed: {err}")
+            return "failed", str(err), time.perf_counter() - t0
+        except Exception as err:  # an analysis bug: report it, keep going, retry next run
+            log(f"{s.id}: failed:\n{traceback.format_exc()}")
+            return "failed", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", \
+                time.perf_counter() - t0
+        return "computed", payload, time.perf_counter() - t0
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(cfg: StudyConfig, pairs: list[PairSpec]) -> None:
+    import torch
+    torch.set_num_threads(cfg.run.threads or 1)
+    _WORKER["compute"] = _Computer(cfg, pairs, progress=False)
+
+
+def _worker_step(s: Step):
+    return _WORKER["compute"](s, lambda m: None)
+
+
+def _computed_steps(cfg: StudyConfig, pairs: list[PairSpec], todo: list[Step], log, progress: bool):
+    """Yield (step, status, payload, seconds) as steps finish: in this process, or in ``run.workers`` processes.
+
+    Workers are spawned (a clean interpreter each, ``run.threads`` torch threads each) and get whole
+    steps; every step seeds torch and NumPy itself, so its numbers do not depend on which process ran
+    it. Steps of one pair are handed out together so a worker loads few models.
+    """
+    workers = min(cfg.run.workers, len(todo))
+    if workers <= 1:
+        compute = _Computer(cfg, pairs, progress)
+        for s in todo:
+            yield (s, *compute(s, log))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    log(f"computing {len(todo)} steps in {workers} worker processes")
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(cfg, pairs)) as pool:
+        futures = {pool.submit(_worker_step, s): s for s in todo}
+        for fut in as_completed(futures):
+            s = futures[fut]
+            try:
+                status, payload, seconds = fut.result()
+            except Exception as err:  # the worker died (out of memory, killed): the step is retried next run
+                status, payload, seconds = "failed", f"worker process failed: {type(err).__name__}: {err}", 0.0
+            if status == "failed":
+                log(f"{s.id}: failed: {payload}")
+            yield s, status, payload, seconds
+
+
 def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = True) -> Outcome:
-    """Compute every step not stored yet, then write the report folder. Returns what was done."""
+    """Compute every step not stored yet, then write the report folder. Returns what was done.
+
+    Under torchrun (``run.tp_size``) every rank computes every step, the sharded forwards in step;
+    only rank 0 writes under ``out``.
+    """
     import torch
     from tqdm.auto import tqdm
     from . import provenance, report
@@ -285,6 +379,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
     if out.exists() and not out.is_dir():
         raise ProjLensError(f"--out {out} is a file; pass a folder")
     log = log or (lambda msg: None)
+    writer = _rank() == 0
     t_start = time.perf_counter()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -293,18 +388,13 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
     steps = build_graph(cfg, pairs)
     store = StepStore(out)
     outcome = Outcome()
-    models = Models(cfg)
-    loaded: dict[str, object] = {}
-    by_pair = {p.name: p for p in pairs}
 
-    bar = tqdm(total=len(steps), desc="study", unit="step", disable=not progress, leave=False)
-    for s in steps:
-        bar.set_postfix_str(s.id)
+    bar = tqdm(total=len(steps), desc="study", unit="step", disable=not progress or not writer, leave=False)
+    todo = []
+    for s in steps:   # what is cached is decided once, before any rank computes (ranks must agree)
         if s.skipped:
             outcome.status[s.id] = "skipped"
-            bar.update(1)
-            continue
-        if s.kind == "organism":
+        elif s.kind == "organism":
             from ..organism.build import build
             t0 = time.perf_counter()
             try:
@@ -318,47 +408,29 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
                 raise
             outcome.seconds[s.id] = time.perf_counter() - t0
             outcome.status[s.id] = "cached" if prev == summary.get("key") else "computed"
-            bar.update(1)
-            continue
-        if store.has(s.key):
+        elif store.has(s.key):
             outcome.status[s.id] = "cached"
-            bar.update(1)
+        else:
+            todo.append(s)
             continue
-        t0 = time.perf_counter()
-        try:
-            if s.pair not in loaded:
-                log(f"loading pair {s.pair}")
-                loaded[s.pair] = models.pair(cfg, by_pair[s.pair])
-            pair = loaded[s.pair]
-            torch.manual_seed(cfg.run.seed)
-            np.random.seed(cfg.run.seed % 2**32)
-            if s.kind == "evaluate":
-                sub = tqdm(total=len(pair.data) * (3 if pair.control else 2), desc=f"evaluate {s.pair}", unit="rec",
-                           disable=not progress, leave=False)
-                payload = {"evaluation": evaluate_pair(pair, cfg.run.batch_size, cfg.run.max_new_tokens, sub.update)}
-                sub.close()
-            else:
-                payload = run_analysis(s.analysis, pair, cfg.analyses[s.analysis].params, progress)
-        except ProjLensError as err:
-            outcome.status[s.id] = "failed"
-            outcome.errors[s.id] = str(err)
-            log(f"{s.id}: failed: {err}")
-            bar.update(1)
-            continue
-        except Exception as err:  # an analysis bug: report it, keep going, retry next run
-            outcome.status[s.id] = "failed"
-            outcome.errors[s.id] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            log(f"{s.id}: failed:\n{traceback.format_exc()}")
-            bar.update(1)
-            continue
-        seconds = time.perf_counter() - t0
-        store.put(s.key, {"step": s.id, "kind": s.kind, "pair": s.pair, "analysis": s.analysis, "key": s.key,
-                          "material": s.material, "seconds": seconds, **payload})
-        outcome.status[s.id] = "computed"
-        outcome.seconds[s.id] = seconds
-        log(f"{s.id}: done in {seconds:.1f} s")
+        bar.update(1)
+    for s, status, payload, seconds in _computed_steps(cfg, pairs, todo, log, progress and writer):
+        bar.set_postfix_str(s.id)
+        outcome.status[s.id] = status
+        if status == "failed":
+            outcome.errors[s.id] = payload
+        else:
+            if writer:
+                store.put(s.key, {"step": s.id, "kind": s.kind, "pair": s.pair, "analysis": s.analysis, "key": s.key,
+                                  "material": s.material, "seconds": seconds, **payload})
+            outcome.seconds[s.id] = seconds
+            log(f"{s.id}: done in {seconds:.1f} s")
         bar.update(1)
     bar.close()
+    outcome.status = {s.id: outcome.status[s.id] for s in steps}   # the graph's order, whoever finished first
+    if not writer:
+        outcome.wall_seconds = time.perf_counter() - t_start
+        return outcome
 
     manifest = {"config": cfg.canonical(), "config_hash": cfg.hash(), "config_path": cfg.path,
                 "pairs": [p.__dict__ for p in pairs],
@@ -366,7 +438,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
                            "skipped": s.skipped, "status": outcome.status.get(s.id),
                            "error": outcome.errors.get(s.id)} for s in steps]}
     atomic_write_text(store.dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-    report.render(out, log=log)
+    report.render(out, log=log, workers=cfg.run.workers)
     outcome.wall_seconds = time.perf_counter() - t_start
     provenance.write(out, cfg, steps, outcome, store)
     return outcome
