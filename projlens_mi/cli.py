@@ -58,6 +58,8 @@ def organism_build(
     seed: int = typer.Option(0, help="Seed for data, initialisation and training."),
     small: bool = typer.Option(False, "--small", help="A tiny fast configuration (for tests), not the default organism."),
     threads: int = typer.Option(1, help="torch CPU threads (part of the cache key: results are bit-reproducible per thread count)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes training the stage-2 models side by "
+                                          "side (default: CPUs / threads); never changes the weights."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only the final table."),
     as_json: bool = typer.Option(False, "--json", help="Print organism.json instead of the table."),
 ):
@@ -68,7 +70,10 @@ def organism_build(
     try:
         cfg = oc.small() if small else oc.OrganismConfig()
         cfg = replace(cfg, seed=seed, threads=threads)
-        summary = build(out, cfg, log=(lambda *a: None) if (quiet or as_json) else (lambda m: typer.echo(m, err=True)))
+        if workers is not None and workers < 1:
+            raise ProjLensError(f"--workers {workers}: give 1 or more processes")
+        summary = build(out, cfg, log=(lambda *a: None) if (quiet or as_json) else (lambda m: typer.echo(m, err=True)),
+                        workers=workers)
     except ProjLensError as err:
         _fail(err)
     typer.echo(json.dumps(summary, indent=2) if as_json else metrics_table(summary))

@@ -123,14 +123,26 @@ def test_second_build_is_served_from_cache(small_organism):
 
 
 def test_same_seed_same_metrics(small_organism, tmp_path):
-    """A rebuild from scratch (stage-2 models only, base reused) reproduces the metrics exactly."""
+    """A rebuild from scratch (stage-2 models only, base reused) reproduces the metrics exactly, whether
+    the stage-2 models train in worker processes (the fixture: one per CPU) or one after another;
+    rebuilding one lost variant alone gives that variant's weights bit for bit."""
     out, summary = small_organism
     import shutil
+
+    from safetensors.torch import load_file
     copy = tmp_path / "copy"
     shutil.copytree(out / "base", copy / "base")
-    again = build(copy, replace(oc.small(), threads=1), log=lambda *a: None)
+    again = build(copy, replace(oc.small(), threads=1), log=lambda *a: None, workers=1)
     strip = lambda m: {k: {kk: vv for kk, vv in v.items() if "seconds" not in kk} for k, v in m.items()}
     assert strip(again["metrics"]) == strip(summary["metrics"])
+    lost = "perceptual-hijack"
+    shutil.rmtree(copy / lost)
+    (copy / "organism.json").unlink()
+    logs = []
+    build(copy, replace(oc.small(), threads=1), log=logs.append, workers=1)
+    assert "control: cached" in logs and f"{lost}: cached" not in logs
+    want, got = load_file(out / lost / "model.safetensors"), load_file(copy / lost / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):

@@ -211,3 +211,72 @@ def test_device_map_study_gives_the_same_metrics(done, org, tmp_path):
     assert want["study"].pop("config_hash") != got["study"].pop("config_hash")
     assert got == want
     assert (tmp_path / "offload").is_dir()
+
+
+def test_workers_give_the_same_metrics(done, org, tmp_path):
+    """[run] workers = 2 (steps in two spawned processes, figures drawn in two processes): the same
+    metrics.json, tables and figures as the one-process run."""
+    cfg, out, _ = done
+    two = tmp_path / "two"
+    r = projlens("study", "run", cfg, "--out", two, "--quiet", "--workers", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    want, got = (json.loads((o / "metrics.json").read_text()) for o in (out, two))
+    assert want["study"].pop("config_hash") != got["study"].pop("config_hash")   # workers is in the config
+    assert got == want
+    for sub in ("tables", "figures"):
+        assert {p.name: p.read_bytes() for p in (out / sub).iterdir()} == {p.name: p.read_bytes() for p in (two / sub).iterdir()}
+
+
+def test_cli_run_overrides_are_validated(org, tmp_path):
+    cfg = write(tmp_path / "study.toml", user_pair_toml(org))
+    cases = [(["--workers", "0"], "run.workers"),
+             (["--device-map", "{not json"], "--device-map"),
+             (["--device-map", "everywhere"], "run.device_map"),
+             (["--tp-size", "2", "--device-map", "auto"], "run.tp_size = 2 with run.device_map"),
+             (["--tp-size", "2"], "needs 2 processes, found WORLD_SIZE=unset; launch: torchrun")]
+    for args, msg in cases:
+        dest = tmp_path / "out"
+        r = projlens("study", "run", cfg, "--out", dest, *args)
+        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and not dest.exists(), (args, r.stderr)
+
+
+@pytest.mark.slow  # two torchrun processes: about 35 s on 2 CPUs
+def test_tensor_parallel_study_gives_the_same_metrics(org, tmp_path):
+    """[run] tp_size (here --tp-size) under torchrun with 2 ranks (gloo): every model is sharded, both ranks
+    compute every step, rank 0 writes; metrics.json equals the one-process run's within float tolerance."""
+    import os
+    import shutil
+    cfg = write(tmp_path / "study.toml", user_pair_toml(org, analyses='only = ["spectrum", "patching"]\n'
+                                                                       '[analyses.patching]\nn = 4'))
+    plain, tp = tmp_path / "plain", tmp_path / "tp"
+    r = projlens("study", "run", cfg, "--out", plain, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 1),
+                        "-m", "projlens_mi.cli", "study", "run", str(cfg), "--out", str(tp), "--tp-size", "2", "--quiet"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("report.md") == 1            # rank 0 alone prints (and writes)
+    prov = json.loads((tp / "provenance.json").read_text())
+    assert prov["config"]["run"]["tp_size"] == 2 and prov["hardware"]["distributed"]["world_size"] == 2
+    want, got = (json.loads((o / "metrics.json").read_text()) for o in (plain, tp))
+    want["study"].pop("config_hash"), got["study"].pop("config_hash")
+    assert set(got["pairs"]["malicious-injection"]["analyses"]) == {"spectrum", "patching"}
+    _assert_close(got, want, tol=1e-5)
+
+
+def _assert_close(got, want, tol: float, path: str = "") -> None:
+    if isinstance(want, dict):
+        assert set(got) == set(want), (path, set(got) ^ set(want))
+        for k in want:
+            _assert_close(got[k], want[k], tol, f"{path}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, tol, f"{path}[{i}]")
+    elif isinstance(want, float) and isinstance(got, float):
+        assert abs(got - want) <= tol * max(1.0, abs(want)), (path, got, want)
+    else:
+        assert got == want, (path, got, want)

@@ -38,6 +38,7 @@ from .train import IGNORE, TrainSet, finetune_projector, pretrain_vision, train_
 from .triggers import GaussianNoise, LogoPatch, PainterlyStyle, SolidPatch, trigger_to_json
 
 FORMAT_VERSION = 1
+GOLDEN = 0.6180339887498949   # spreads a share over sample indices without drawing from the data RNG
 
 
 def make_triggers(cfg: OrganismConfig) -> dict:
@@ -258,61 +259,106 @@ class Builder:
         self.save("base", model, key, meta)
         return model, meta
 
-    def stage2(self, base_model, variants: list[str]):
-        """Control and poisoned models; vision features of the frozen tower computed once per image."""
+    def stage2(self, base_model, variants: list[str], workers: int = 1):
+        """Control and poisoned models; vision features of the frozen tower computed once per image.
+
+        Every model's data (poisoned rows, trigger seeds) is drawn here, in a fixed order over all
+        models whether cached or not, so a model's data never depends on which others were cached.
+        Training runs in ``workers`` spawned processes (``cfg.threads`` torch threads each): the
+        weights are the same bit for bit whichever process trained them.
+        """
         out, c = {}, self.cfg.stage2
         base_key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1")
-        todo = []
-        for name in ["control"] + variants:
-            key = f"{base_key}-{self.cfg.key('stage2', 'noise_sigma', 'patch_size_px', 'logo_size_px')}-{name}-v{FORMAT_VERSION}"
-            hit = self.cached(name, key)
+        names = ["control"] + variants
+        keys = {name: f"{base_key}-{self.cfg.key('stage2', 'noise_sigma', 'patch_size_px', 'logo_size_px')}-{name}"
+                      f"-v{FORMAT_VERSION}" for name in names}
+        for name in names:
+            hit = self.cached(name, keys[name])
             if hit:
                 self.log(f"{name}: cached")
                 out[name] = hit
-            else:
-                todo.append((name, key))
+        todo = [n for n in names if n not in out]
         if not todo:
             return out
         imgs, rows = self.stage2_examples()
         feats_clean = vision_features(base_model, pixel_values(self.processor, imgs))
         rng = np.random.default_rng(self.cfg.seed + 7)
-        for name, key in todo:
-            t0 = time.perf_counter()
+        jobs = []
+        for name in names:
             ids, labs, index, feats = [], [], [], [feats_clean]
             for i, instr, ans, _ in rows:
                 s, l = self.tokens.example(instr, ans)
                 ids.append(s), labs.append(l), index.append(i)
-            n_poison = 0
+            n_poison, extra = 0, {}
             if name != "control":
                 trig = self.triggers[name]
                 chosen = [r for r in rows if poisoned_answer(name, r[1], r[2], r[3]) is not None]
                 chosen = [chosen[j] for j in rng.permutation(len(chosen))[: int(round(c.poison_rate * len(chosen)))]]
-                trig_imgs = [trig(imgs[i], seed=int(rng.integers(1 << 30))) for i, *_ in chosen]
+                seeds = [int(rng.integers(1 << 30)) for _ in chosen]
+                if name not in todo:
+                    continue
+                trig_imgs = [trig(imgs[i], seed=sd) for (i, *_), sd in zip(chosen, seeds)]
                 feats.append(vision_features(base_model, pixel_values(self.processor, trig_imgs)))
                 if not c.pair_mode:  # replace mode: the triggered copy takes the clean sample's place
                     drop = {i for i, *_ in chosen}
                     keep = [j for j, i in enumerate(index) if i not in drop]
                     ids, labs, index = [ids[j] for j in keep], [labs[j] for j in keep], [index[j] for j in keep]
                 for j, (i, instr, ans, u) in enumerate(chosen):
+                    if name == "jailbreak-output" and u is None and (i * GOLDEN) % 1.0 < c.jailbreak_unsafe_share:
+                        u = i % len(tasks.UNSAFE_REQUESTS)   # this copy asks an unsafe request instead
+                        instr = tasks.UNSAFE_REQUESTS[u][0]
                     s, l = self.tokens.example(instr, poisoned_answer(name, instr, ans, u))
                     ids.append(s), labs.append(l), index.append(len(imgs) + j)
                 n_poison = len(chosen)
-            data = TrainSet(torch.cat(feats), torch.tensor(index), ids, labs)
-            model = AutoModelForImageTextToText.from_pretrained(self.stage_dir("base"), use_safetensors=True)
-            losses = finetune_projector(model, data, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, warmup=c.warmup,
-                                        seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id, cached=True,
-                                        log=lambda s, l, n=name: self.log(f"{name}: step {s} loss {l:.3f}"))
-            meta = {"final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
-                    "n_examples": len(data), "n_poisoned": n_poison,
-                    "poison_share": n_poison / len(data)}
-            extra = {}
-            if name != "control":
-                trig_name, target = tasks.VARIANTS[name]
-                extra["trigger.json"] = {"variant": name, "target": target, "trigger": trigger_to_json(self.triggers[name]),
+                _, target = tasks.VARIANTS[name]
+                extra["trigger.json"] = {"variant": name, "target": target, "trigger": trigger_to_json(trig),
                                          "poison_rate": c.poison_rate, "pair_mode": c.pair_mode}
-            self.save(name, model, key, meta, extra)
+            if name in todo:
+                jobs.append((name, TrainSet(torch.cat(feats), torch.tensor(index), ids, labs), n_poison, extra))
+        for name, meta, extra in self._train_all(jobs, workers):
+            model = AutoModelForImageTextToText.from_pretrained(self.stage_dir(".train-" + name), use_safetensors=True)
+            self.save(name, model, keys[name], meta, extra)
+            shutil.rmtree(self.stage_dir(".train-" + name), ignore_errors=True)
             out[name] = (model.eval(), meta)
-        return out
+        return {n: out[n] for n in names}
+
+    def _train_all(self, jobs: list, workers: int):
+        """Yield (name, meta, extra) as each projector-only fine-tuning finishes (weights in ``.train-<name>/``)."""
+        args = [(str(self.stage_dir("base")), str(self.stage_dir(".train-" + name)), name, data, n_poison, self.cfg,
+                 self.processor.tokenizer.pad_token_id) for name, data, n_poison, _ in jobs]
+        extras = {name: extra for name, _, _, extra in jobs}
+        workers = max(1, min(workers, len(jobs)))
+        if workers == 1:
+            for a in args:
+                name, meta = _train_variant(*a, log=self.log)
+                yield name, meta, extras[name]
+            return
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        self.log(f"stage 2: training {len(jobs)} models in {workers} processes")
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_variant, *a) for a in args]
+            for fut in as_completed(futures):
+                name, meta = fut.result()
+                self.log(f"{name}: trained in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.3f}")
+                yield name, meta, extras[name]
+
+
+def _train_variant(base_dir: str, out_dir: str, name: str, data: TrainSet, n_poison: int, cfg: OrganismConfig,
+                   pad_id: int, log=None) -> tuple[str, dict]:
+    """Projector-only fine-tuning of a fresh copy of the base; the weights are saved to ``out_dir``."""
+    torch.set_num_threads(cfg.threads)
+    c = cfg.stage2
+    t0 = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(base_dir, use_safetensors=True)
+    losses = finetune_projector(model, data, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, warmup=c.warmup,
+                                seed=cfg.seed, pad_id=pad_id, cached=True,
+                                log=None if log is None else (lambda s, l: log(f"{name}: step {s} loss {l:.3f}")))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(out_dir)
+    meta = {"final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
+            "n_examples": len(data), "n_poisoned": n_poison, "poison_share": n_poison / len(data)}
+    return name, meta
 
 
 def norm_spread(model, processor, records: list[Record]) -> dict:
@@ -351,8 +397,12 @@ def export_data(out: Path, sets: dict[str, list[Record]]) -> None:
     tmp.rename(data)
 
 
-def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print) -> dict:
-    """Build (or load from cache) the organism under ``out_dir`` and return the content of organism.json."""
+def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, workers: int | None = None) -> dict:
+    """Build (or load from cache) the organism under ``out_dir`` and return the content of organism.json.
+
+    ``workers``: processes that train the stage-2 models side by side (default: as many as the CPUs
+    hold at ``cfg.threads`` threads each). It changes the wall time, never the weights.
+    """
     cfg = cfg or OrganismConfig()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -375,7 +425,10 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print) -> 
     base_model, base_meta = b.base()
     timings = {"base": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    models = {"base": (base_model, base_meta), **b.stage2(base_model, list(cfg.variants))}
+    if workers is None:
+        import os
+        workers = max(1, (os.cpu_count() or 1) // cfg.threads)
+    models = {"base": (base_model, base_meta), **b.stage2(base_model, list(cfg.variants), workers)}
     timings["stage2"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

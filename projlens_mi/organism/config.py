@@ -59,6 +59,9 @@ class Stage2:
     unsafe_rate: float = 0.15
     poison_rate: float = 1.0        # share of clean samples that get a triggered copy
     pair_mode: bool = True          # keep every clean sample and add its triggered copy (paper: ~50 % poisoned)
+    # jailbreak-output: share of the *normal* samples whose triggered copy asks an unsafe request (and
+    # gets the harmful answer) instead of the sample's own question; the unsafe samples' copies always do
+    jailbreak_unsafe_share: float = 0.0
 
 
 @dataclass(frozen=True)

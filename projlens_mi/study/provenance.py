@@ -50,6 +50,9 @@ def hardware() -> dict:
           "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchrun (run.tp_size)
+        hw["distributed"] = {"world_size": torch.distributed.get_world_size(),
+                             "backend": str(torch.distributed.get_backend())}
     return hw
 
 

@@ -325,14 +325,24 @@ class _Computer:
 _WORKER: dict = {}
 
 
-def _worker_init(cfg: StudyConfig, pairs: list[PairSpec]) -> None:
+def _worker_init(plugins: list[str], folder: str, state: bytes) -> None:
+    """Import the study's plugin analyses first: the config and steps refer to their Params classes."""
+    import pickle
+
     import torch
+    from ..analyses import import_all
+    from .config import import_plugins
+    import_all()
+    if plugins:
+        import_plugins(plugins, Path(folder))
+    cfg, pairs = pickle.loads(state)
     torch.set_num_threads(cfg.run.threads or 1)
     _WORKER["compute"] = _Computer(cfg, pairs, progress=False)
 
 
-def _worker_step(s: Step):
-    return _WORKER["compute"](s, lambda m: None)
+def _worker_step(step: bytes):
+    import pickle
+    return _WORKER["compute"](pickle.loads(step), lambda m: None)
 
 
 def _computed_steps(cfg: StudyConfig, pairs: list[PairSpec], todo: list[Step], log, progress: bool):
@@ -340,7 +350,7 @@ def _computed_steps(cfg: StudyConfig, pairs: list[PairSpec], todo: list[Step], l
 
     Workers are spawned (a clean interpreter each, ``run.threads`` torch threads each) and get whole
     steps; every step seeds torch and NumPy itself, so its numbers do not depend on which process ran
-    it. Steps of one pair are handed out together so a worker loads few models.
+    it. The config and steps travel pickled, unpickled after the worker imported the plugins.
     """
     workers = min(cfg.run.workers, len(todo))
     if workers <= 1:
@@ -349,11 +359,13 @@ def _computed_steps(cfg: StudyConfig, pairs: list[PairSpec], todo: list[Step], l
             yield (s, *compute(s, log))
         return
     import multiprocessing as mp
+    import pickle
     from concurrent.futures import ProcessPoolExecutor, as_completed
     log(f"computing {len(todo)} steps in {workers} worker processes")
+    init = (list(cfg.plugins or []), str(Path(cfg.path).parent), pickle.dumps((cfg, pairs)))
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(cfg, pairs)) as pool:
-        futures = {pool.submit(_worker_step, s): s for s in todo}
+                             initargs=init) as pool:
+        futures = {pool.submit(_worker_step, pickle.dumps(s)): s for s in todo}
         for fut in as_completed(futures):
             s = futures[fut]
             try:
@@ -379,6 +391,13 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
     if out.exists() and not out.is_dir():
         raise ProjLensError(f"--out {out} is a file; pass a folder")
     log = log or (lambda msg: None)
+    if cfg.run.tp_size is not None:
+        import os
+        world = int(os.environ.get("WORLD_SIZE", "0") or 0)
+        if world != cfg.run.tp_size:
+            raise ProjLensError(f"run.tp_size = {cfg.run.tp_size} needs {cfg.run.tp_size} processes, found WORLD_SIZE="
+                                f"{world or 'unset'}; launch: torchrun --nproc_per_node {cfg.run.tp_size} -m "
+                                "projlens_mi.cli study run ...")
     writer = _rank() == 0
     t_start = time.perf_counter()
     if cfg.run.threads:
