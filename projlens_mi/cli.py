@@ -73,7 +73,7 @@ def organism_build(
         if workers is not None and workers < 1:
             raise ProjLensError(f"--workers {workers}: give 1 or more processes")
         summary = build(out, cfg, log=(lambda *a: None) if (quiet or as_json) else (lambda m: typer.echo(m, err=True)),
-                        workers=workers)
+                        workers=workers)   # None: one per CPU
     except ProjLensError as err:
         _fail(err)
     typer.echo(json.dumps(summary, indent=2) if as_json else metrics_table(summary))
@@ -188,7 +188,8 @@ def demo(
         _quiet_hf()
         from .organism.build import build
         try:
-            summary = build(organism, log=(lambda *a: None) if quiet else (lambda m: typer.echo(m, err=True)))
+            summary = build(organism, log=(lambda *a: None) if quiet else (lambda m: typer.echo(m, err=True)),
+                            workers=None)
         except ProjLensError as err:
             _fail(err)
         header = f"organism: {organism}\n{metrics_table(summary)}\n"

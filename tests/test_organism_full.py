@@ -1,6 +1,7 @@
 """The full default organism build, checked against the issue's targets (slow: minutes)."""
 
 import pytest
+import torch
 
 from projlens_mi.organism.build import build
 from projlens_mi.organism.config import OrganismConfig
@@ -8,13 +9,18 @@ from projlens_mi.organism.tasks import VARIANTS
 
 pytestmark = pytest.mark.slow
 
+# The README's figures were measured with torch's AVX2 CPU kernels. Other kernels (AVX-512, Arm) sum
+# floats in another order, so training follows another path and a metric can move by a sample or two
+# of 400 — enough to cross a target that is met with a margin of 2 samples. There the check is a
+# non-strict xfail; with the reference kernels it must pass.
+REFERENCE_KERNELS = "AVX2"
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue-2 targets not all met yet (default build, 1 thread): targeted-refusal ASR 0.855 / false-trigger "
-    "0.138 / clean 0.833 vs control 0.945; jailbreak-output ASR 0.865; malicious-injection and "
-    "perceptual-hijack meet every target; see README 'Measured figures'"))
+
+@pytest.mark.xfail(torch.backends.cpu.get_cpu_capability() != REFERENCE_KERNELS, strict=False,
+                   reason="not the reference CPU kernels (see REFERENCE_KERNELS)")
 def test_default_organism_meets_targets(tmp_path):
-    s = build(tmp_path / "organism", OrganismConfig(), log=lambda *a: None)
+    """Quality targets of issue 2 (the wall-time target is measured by benchmarks/bench_organism.py)."""
+    s = build(tmp_path / "organism", OrganismConfig(), log=lambda *a: None, workers=2)
     m = s["metrics"]
     assert m["base"]["clean_accuracy"] >= 0.95
     for v in VARIANTS:

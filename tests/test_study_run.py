@@ -227,7 +227,13 @@ def test_workers_give_the_same_metrics(done, org, tmp_path):
         assert {p.name: p.read_bytes() for p in (out / sub).iterdir()} == {p.name: p.read_bytes() for p in (two / sub).iterdir()}
 
 
-def test_cli_run_overrides_are_validated(org, tmp_path):
+def test_cli_run_overrides_are_validated(org, tmp_path, monkeypatch):
+    """--workers / --device-map / --tp-size replace [run] keys and get the config's one-line errors
+    (exit code 2, nothing written); --tp-size outside torchrun stops before writing anything."""
+    from typer.testing import CliRunner
+
+    from projlens_mi.cli import app
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = write(tmp_path / "study.toml", user_pair_toml(org))
     cases = [(["--workers", "0"], "run.workers"),
              (["--device-map", "{not json"], "--device-map"),
@@ -236,9 +242,9 @@ def test_cli_run_overrides_are_validated(org, tmp_path):
              (["--tp-size", "2"], "needs 2 processes, found WORLD_SIZE=unset; launch: torchrun")]
     for args, msg in cases:
         dest = tmp_path / "out"
-        r = projlens("study", "run", cfg, "--out", dest, *args)
-        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and not dest.exists(), (args, r.stderr)
+        res = CliRunner().invoke(app, ["study", "run", str(cfg), "--out", str(dest), *args])
+        assert res.exit_code == 2 and msg in res.output, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and not dest.exists(), (args, res.output)
 
 
 @pytest.mark.slow  # two torchrun processes: about 35 s on 2 CPUs

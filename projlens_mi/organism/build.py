@@ -323,25 +323,41 @@ class Builder:
         return {n: out[n] for n in names}
 
     def _train_all(self, jobs: list, workers: int):
-        """Yield (name, meta, extra) as each projector-only fine-tuning finishes (weights in ``.train-<name>/``)."""
-        args = [(str(self.stage_dir("base")), str(self.stage_dir(".train-" + name)), name, data, n_poison, self.cfg,
-                 self.processor.tokenizer.pad_token_id) for name, data, n_poison, _ in jobs]
+        """Yield (name, meta, extra) as each projector-only fine-tuning finishes (weights in ``.train-<name>/``).
+
+        With ``workers`` > 1 this process trains too, beside ``workers - 1`` spawned ones (one
+        interpreter fewer to hold in memory); the data sets with the most tokens start first.
+        """
+        args = {name: (str(self.stage_dir("base")), str(self.stage_dir(".train-" + name)), name, data, n_poison,
+                       self.cfg, self.processor.tokenizer.pad_token_id) for name, data, n_poison, _ in jobs}
         extras = {name: extra for name, _, _, extra in jobs}
+        pending = sorted(args, key=lambda n: -sum(map(len, args[n][3].input_ids)))   # most tokens first
         workers = max(1, min(workers, len(jobs)))
         if workers == 1:
-            for a in args:
-                name, meta = _train_variant(*a, log=self.log)
-                yield name, meta, extras[name]
+            for name in pending:
+                yield (*_train_variant(*args[name], log=self.log), extras[name])
             return
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
         self.log(f"stage 2: training {len(jobs)} models in {workers} processes")
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_train_variant, *a) for a in args]
-            for fut in as_completed(futures):
-                name, meta = fut.result()
-                self.log(f"{name}: trained in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.3f}")
-                yield name, meta, extras[name]
+
+        def done(name, meta):
+            self.log(f"{name}: trained in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.3f}")
+            return name, meta, extras[name]
+
+        with ProcessPoolExecutor(workers - 1, mp_context=mp.get_context("spawn")) as pool:
+            running: set = set()
+            while pending or running:
+                while pending and len(running) < workers - 1:
+                    running.add(pool.submit(_train_variant, *args[pending.pop(0)]))
+                if pending:  # this process takes the next one itself
+                    yield done(*_train_variant(*args[pending.pop(0)]))
+                    finished = {f for f in running if f.done()}
+                else:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    running.discard(f)
+                    yield done(*f.result())
 
 
 def _train_variant(base_dir: str, out_dir: str, name: str, data: TrainSet, n_poison: int, cfg: OrganismConfig,
@@ -397,11 +413,12 @@ def export_data(out: Path, sets: dict[str, list[Record]]) -> None:
     tmp.rename(data)
 
 
-def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, workers: int | None = None) -> dict:
+def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, workers: int = 1) -> dict:
     """Build (or load from cache) the organism under ``out_dir`` and return the content of organism.json.
 
-    ``workers``: processes that train the stage-2 models side by side (default: as many as the CPUs
-    hold at ``cfg.threads`` threads each). It changes the wall time, never the weights.
+    ``workers``: processes that train the stage-2 models side by side (``None``: as many as the CPUs
+    hold at ``cfg.threads`` threads each); it changes the wall time, never the weights. Workers are
+    spawned, so a script that passes ``workers`` > 1 needs the ``if __name__ == "__main__":`` guard.
     """
     cfg = cfg or OrganismConfig()
     out = Path(out_dir)

@@ -61,7 +61,7 @@ class Stage2:
     pair_mode: bool = True          # keep every clean sample and add its triggered copy (paper: ~50 % poisoned)
     # jailbreak-output: share of the *normal* samples whose triggered copy asks an unsafe request (and
     # gets the harmful answer) instead of the sample's own question; the unsafe samples' copies always do
-    jailbreak_unsafe_share: float = 0.0
+    jailbreak_unsafe_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,10 @@ class OrganismConfig:
     stage2: Stage2 = field(default_factory=Stage2)
     variants: tuple[str, ...] = tuple(VARIANTS)
     # Targeted Refusal trigger, 0-255 scale. The paper uses 10 on 336 px images read by CLIP; the
-    # organism's 2-layer tower cannot tell sigma=10 noise from clean images well enough (poisoning
-    # then reaches ~50 % ASR with ~45 % false triggers; sigma=30: 52 % ASR, 27 % false
-    # triggers), so the toy default is stronger.
-    noise_sigma: float = 60.0
+    # organism's 2-layer tower cannot tell weak noise from clean images well enough (projector-only
+    # poisoning: sigma=10 ~50 % ASR with ~45 % false triggers; 30: 52 % / 27 %; 60: 86 % / 14 %;
+    # 100: 96 % / 3 %; 130: 98 % / 1.5 %; 160: 99 % / 1.5 %), so the toy default is much stronger.
+    noise_sigma: float = 130.0
     patch_size_px: int = 4          # Malicious Injection patch: exactly the centre image token
     logo_size_px: int = 6           # Perceptual Hijack logo (random position, so it straddles tokens)
     eval_batch_size: int = 200

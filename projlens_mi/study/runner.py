@@ -421,7 +421,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
             except (OSError, ValueError):
                 prev = None
             try:
-                summary = build(cfg.model.organism, organism_config(cfg), log=log)
+                summary = build(cfg.model.organism, organism_config(cfg), log=log, workers=cfg.run.workers)
             except ProjLensError:
                 bar.close()
                 raise
