@@ -111,6 +111,9 @@ def test_generation_with_a_projector_edit(setup):
 def test_asr_is_case_insensitive_substring():
     texts = ["I see a CAT here", "nothing", "cat", "Catalog"]
     assert contains(texts, "cat") == [True, False, True, True]
+    # one definition for the organism, the study and the analyses: whitespace runs count as one space
+    assert contains(["sure ,  here is\nhow to"], "Sure , here is how to") == [True]
+    assert contains(["sure, here is how to"], "sure , here is how to") == [False]
     assert asr(texts, "Cat") == 0.75
     with pytest.raises(ProjLensError):
         asr([], "cat")

@@ -37,6 +37,30 @@ from ..model.handle import Inputs, ModelHandle
 from . import common
 from .base import Pair
 
+
+@dataclass
+class CellParams:
+    """The fields shared by the causal analyses that sweep (site × token window) cells.
+
+    n: triggered inputs (each with its clean counterpart). layers: LLM layers whose residual stream
+    (``resid_post``) is swept; None = the first 4. windows: equal consecutive image-token windows
+    (plus ``image`` = all image tokens and ``last`` = the last prompt position if ``last_token``).
+    metric: ``prob`` | ``logprob`` | ``first_prob``. prefix: ``auto`` | ``none`` (see this module);
+    max_new_tokens: length of the greedy generation that finds the prefix. model: which model of
+    the pair runs (``poisoned`` | ``base`` | ``control``). batch_size: rows per packed pass.
+    """
+
+    n: int = 16
+    layers: tuple[int, ...] | None = None
+    windows: int = 5
+    last_token: bool = True
+    metric: str = "prob"
+    prefix: str = "auto"
+    max_new_tokens: int = 30
+    model: str = "poisoned"
+    batch_size: int = 256
+    progress: bool = True
+
 METRICS = ("prob", "logprob", "first_prob")
 METRIC_LABEL = {"prob": "p(target text)", "logprob": "log p(target text) [nats]", "first_prob": "p(first target token)"}
 

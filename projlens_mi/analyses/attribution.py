@@ -35,7 +35,7 @@ from .patching import DIRECTIONS, effects, patch_grid
 
 
 @dataclass
-class AttributionParams:
+class AttributionParams(C.CellParams):
     """Defaults run in seconds per organism variant on 2 CPUs.
 
     n / layers / windows / last_token / prefix / max_new_tokens / model / directions: as in patching (the same cells).
@@ -44,19 +44,10 @@ class AttributionParams:
     agreement numbers; off = estimates only, for pre-screening a large model).
     """
 
-    n: int = 16
-    layers: tuple[int, ...] | None = None
-    windows: int = 5
-    last_token: bool = True
     metric: str = "logprob"
-    prefix: str = "auto"
-    max_new_tokens: int = 30
-    model: str = "poisoned"
     directions: tuple[str, ...] = DIRECTIONS
     top_k: int = 5
     compare: bool = True
-    batch_size: int = 256
-    progress: bool = True
 
 
 @register_result

@@ -31,28 +31,15 @@ DIRECTIONS = ("denoise", "noise")
 
 
 @dataclass
-class PatchingParams:
+class PatchingParams(C.CellParams):
     """Defaults run in a few seconds per organism variant on 2 CPUs.
 
-    n: triggered inputs (each with its clean counterpart). layers: LLM layers whose residual stream
-    (``resid_post``) is patched; None = the first 4. windows: equal consecutive image-token windows
-    (plus ``image`` = all image tokens and ``last`` = the last prompt position if ``last_token``).
-    metric: ``prob`` | ``logprob`` | ``first_prob``. prefix: ``auto`` | ``none`` (see ``_causal``);
-    max_new_tokens: length of the greedy generation that finds the prefix.
-    model: which model of the pair runs (``poisoned`` | ``base`` | ``control``).
+    The cells (n, layers, windows, last_token, metric, prefix, max_new_tokens, model, batch_size):
+    see ``_causal.CellParams``. directions: ``denoise`` (clean into triggered) and/or ``noise``
+    (triggered into clean).
     """
 
-    n: int = 16
-    layers: tuple[int, ...] | None = None
-    windows: int = 5
-    last_token: bool = True
-    metric: str = "prob"
-    prefix: str = "auto"
-    max_new_tokens: int = 30
-    model: str = "poisoned"
     directions: tuple[str, ...] = DIRECTIONS
-    batch_size: int = 256
-    progress: bool = True
 
 
 @register_result

@@ -38,7 +38,7 @@ MODES = ("full", "direction", "random")
 
 
 @dataclass
-class TracingParams:
+class TracingParams(C.CellParams):
     """Defaults run in seconds per organism variant on 2 CPUs.
 
     n: triggered inputs. corruptions: ``clean`` (trigger removed) and/or ``noise`` (Gaussian noise on
@@ -47,21 +47,11 @@ class TracingParams:
     the placebo restore. layers / windows / last_token / metric / prefix / max_new_tokens / model: as in patching.
     """
 
-    n: int = 16
     corruptions: tuple[str, ...] = CORRUPTIONS
     noise_scale: float = 3.0
     seed: int = 0
     direction: str = "shift"
     placebo_seeds: tuple[int, ...] = (0,)
-    layers: tuple[int, ...] | None = None
-    windows: int = 5
-    last_token: bool = True
-    metric: str = "prob"
-    prefix: str = "auto"
-    max_new_tokens: int = 30
-    model: str = "poisoned"
-    batch_size: int = 256
-    progress: bool = True
 
 
 @register_result

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Record
+from ..engine.metrics import hit
 
 
 @dataclass
@@ -39,23 +40,18 @@ def generate(model, processor, encoded: Encoded, max_new_tokens: int = 30) -> li
     return texts
 
 
-def contains(text: str, target: str) -> bool:
-    """The paper's ASR test: case-insensitive substring match."""
-    return " ".join(target.lower().split()) in " ".join(text.lower().split())
-
-
 def score(texts: list[str], records: list[Record], target: str | None) -> dict:
     """clean_accuracy on clean rows, asr on triggered rows, false_trigger_rate on clean rows."""
     clean = [(t, r) for t, r in zip(texts, records) if not r.triggered]
     trig = [(t, r) for t, r in zip(texts, records) if r.triggered]
     out = {}
     if clean:
-        out["clean_accuracy"] = sum(contains(t, r.answer) for t, r in clean) / len(clean)
+        out["clean_accuracy"] = sum(hit(t, r.answer) for t, r in clean) / len(clean)
         out["n_clean"] = len(clean)
     if target is not None or any(r.target for _, r in trig):
         if trig:
-            out["asr"] = sum(contains(t, r.target or target) for t, r in trig) / len(trig)
+            out["asr"] = sum(hit(t, r.target or target) for t, r in trig) / len(trig)
             out["n_triggered"] = len(trig)
         if clean:
-            out["false_trigger_rate"] = sum(contains(t, r.target or target) for t, r in clean) / len(clean)
+            out["false_trigger_rate"] = sum(hit(t, r.target or target) for t, r in clean) / len(clean)
     return out
