@@ -115,7 +115,7 @@ def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: boo
         cfg = study.load_config(config, organism=organism, run=run)
         if plan:
             rows = study.plan_study(cfg, out)
-            typer.echo(json.dumps(rows, indent=2) if as_json else study.format_plan(rows))
+            typer.echo(json.dumps(rows, indent=2) if as_json else study.format_plan(rows, cfg.run.workers))
             return
         talk = not (quiet or as_json) and rank0
         outcome = study.run_study(cfg, out, log=(lambda m: typer.echo(m, err=True)) if talk else None, progress=talk)

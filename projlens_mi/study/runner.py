@@ -256,7 +256,7 @@ def plan_study(cfg: StudyConfig, out: Path) -> list[dict]:
     return rows
 
 
-def format_plan(rows: list[dict]) -> str:
+def format_plan(rows: list[dict], workers: int = 1) -> str:
     w = max(len(r["step"]) for r in rows)
     lines = [f"{'step'.ljust(w)}  {'status':8}  estimate"]
     total, unknown = 0.0, False
@@ -266,12 +266,13 @@ def format_plan(rows: list[dict]) -> str:
             unknown = True
             est = "?"
         else:
-            total += sec
+            total += sec if r["status"] == "to run" else 0.0
             est = f"~{sec:,.0f} s" if r["status"] == "to run" else "-"
         note = r["reason"] if r["status"] == "skipped" else (r["estimate"] if r["status"] == "to run" else "")
         lines.append(f"{r['step'].ljust(w)}  {r['status']:8}  {est:>10}  {note}")
     n_run = sum(r["status"] == "to run" for r in rows)
-    lines.append(f"{n_run} of {len(rows)} steps to run, estimated ~{total / 60:,.1f} min"
+    wall = f", ~{total / 60 / workers:,.1f} min wall with {workers} workers" if workers > 1 else ""
+    lines.append(f"{n_run} of {len(rows)} steps to run, estimated ~{total / 60:,.1f} min of compute{wall}"
                  + (" (+ steps of unknown cost)" if unknown else "") + " (rough: from model size and data size)")
     return "\n".join(lines)
 
