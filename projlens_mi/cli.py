@@ -169,7 +169,7 @@ def report_cmd(out: Path = typer.Argument(..., help="A study's report folder."))
     _quiet_hf()
     from .study import render
     try:
-        render(out)
+        render(out, workers=None)   # the study's [run] workers
     except ProjLensError as err:
         _fail(err)
     typer.echo(f"report: {out / 'report.md'} and {out / 'report.html'}")

@@ -265,10 +265,12 @@ def _all_figures(manifest: dict, jobs: dict[str, dict], workers: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ render
-def render(out: str | Path, log=None, workers: int | None = None) -> dict:
+def render(out: str | Path, log=None, workers: int | None = 1) -> dict:
     """Write metrics.json, tables/, figures/, report.md and report.html from the stored steps.
 
-    ``workers``: processes that draw the figures (default: the study's ``[run] workers``).
+    ``workers``: processes that draw the figures (``None``: the study's ``[run] workers``, what
+    ``projlens report`` uses). Spawned processes: a script passing more than 1 needs the
+    ``if __name__ == "__main__":`` guard.
     """
     from ..analyses import result_from_dict
     out = Path(out)
