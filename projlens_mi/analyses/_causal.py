@@ -352,6 +352,9 @@ def weak_backdoor(metric: str, triggered: float, threshold: float = 0.05) -> str
             "so this model shows little backdoor to localise and the numbers describe a small effect.")
 
 
+NA_NOTE = "white cells: not defined (no such token at that site)"
+
+
 def mark_empty(ax, values) -> None:
     """Say so on a heatmap whose cells are all undefined (the two baselines do not differ)."""
     if not np.isfinite(np.asarray(values, dtype=float)).any():

@@ -114,7 +114,8 @@ class AttributionResult(Result):
             C.mark_empty(ax, self.estimate[a])
             fig.colorbar(im, ax=ax, label="estimated normalised effect")
         fig.suptitle(f"Attribution patching {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n}); "
-                     f"{self.cost.get('attribution', 0)} vs {self.cost.get('patching', 0)} model rows for real patching",
+                     f"{self.cost.get('attribution', 0)} vs {self.cost.get('patching', 0)} model rows for real patching"
+                     f"\n{C.NA_NOTE}",
                      fontsize=10)
         return fig
 

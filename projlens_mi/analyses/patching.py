@@ -90,7 +90,7 @@ class PatchingResult(Result):
             C.mark_empty(ax, self.effect[a])
             fig.colorbar(im, ax=ax, label="normalised effect (fraction of the backdoor)")
         fig.suptitle(f"Activation patching {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n}): "
-                     f"clean {self.clean_mean:.3g}, triggered {self.triggered_mean:.3g}", fontsize=10)
+                     f"clean {self.clean_mean:.3g}, triggered {self.triggered_mean:.3g}\n{C.NA_NOTE}", fontsize=10)
         return fig
 
     def _best(self, d: str):

@@ -106,7 +106,8 @@ class TracingResult(Result):
                              f"({b['corrupted']:.2g} → {b['triggered']:.2g})", fontsize=8)
                 C.mark_empty(ax, self.restored[a, m])
                 fig.colorbar(im, ax=ax, label="restored fraction of the target metric")
-        fig.suptitle(f"Causal tracing {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n})", fontsize=10)
+        fig.suptitle(f"Causal tracing {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n})"
+                     f"\n{C.NA_NOTE}", fontsize=10)
         return fig
 
     def cell(self, corruption: str, mode: str, site: str, window: str) -> float:

@@ -76,9 +76,8 @@ def _fig_bytes(fig) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
-    # a figure with a layout engine already fits its margins; "tight" would draw it a second time
-    tight = "tight" if fig.get_layout_engine() is None else None
-    fig.savefig(buf, format="png", dpi=110, bbox_inches=tight, metadata={"Software": None})
+    # "tight" draws the figure twice, but a layout engine does not stop a long suptitle from being cut
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
 
