@@ -70,8 +70,6 @@ def organism_build(
     try:
         cfg = oc.small() if small else oc.OrganismConfig()
         cfg = replace(cfg, seed=seed, threads=threads)
-        if workers is not None and workers < 1:
-            raise ProjLensError(f"--workers {workers}: give 1 or more processes")
         summary = build(out, cfg, log=(lambda *a: None) if (quiet or as_json) else (lambda m: typer.echo(m, err=True)),
                         workers=workers)   # None: one per CPU
     except ProjLensError as err:
@@ -110,7 +108,7 @@ def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: boo
                header: str = "", run: Optional[dict] = None) -> None:
     _quiet_hf()
     from . import study
-    rank0 = int(os.environ.get("RANK", "0") or 0) == 0   # under torchrun only rank 0 prints
+    rank0 = study.torchrun_rank() == 0
     try:
         cfg = study.load_config(config, organism=organism, run=run)
         if plan:

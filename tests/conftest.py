@@ -6,3 +6,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # stable on shared 2-CPU machines (see docs/stack-notes)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_organism(tmp_path_factory):
+    """The small organism (``organism.config.small()``), built once per test session, one model at a time;
+    (folder, organism.json content). Shared by the organism and the analyses tests."""
+    from dataclasses import replace
+
+    from projlens_mi.organism import config as oc
+    from projlens_mi.organism.build import build
+    out = tmp_path_factory.getbasetemp() / "small-organism"
+    return out, build(out, replace(oc.small(), threads=1), log=lambda *a: None)

@@ -489,21 +489,10 @@ def test_registered_and_validated(tiny):
 # --- the organism (mechanics; the small build's backdoor may not work) ------------------------
 
 
-@pytest.fixture(scope="module")
-def small_organism(tmp_path_factory):
-    from dataclasses import replace
-
-    from projlens_mi.organism import config as oc
-    from projlens_mi.organism.build import build
-    out = tmp_path_factory.getbasetemp() / "analyses-organism"   # shared with test_analyses_organism (build() caches)
-    build(out, replace(oc.small(), threads=1), log=lambda *a: None)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["malicious-injection", "jailbreak-output"])
 def test_causal_analyses_run_on_the_small_organism(small_organism, variant, tmp_path):
-    pair = Pair.from_organism(small_organism, variant, n=4)
+    pair = Pair.from_organism(small_organism[0], variant, n=4)
     small = dict(n=4, progress=False, max_new_tokens=12)
     results = [patching(pair, PatchingParams(**small)),
                ablation(pair, AblationParams(**small, ks=(1, 4), placebo_seeds=(0, 1))),

@@ -3,15 +3,12 @@ registry, with their results round-tripping through JSON; the injection's unedit
 the organism's own evaluation (organism.json) exactly."""
 
 import json
-from dataclasses import replace
 
 import pytest
 from matplotlib.figure import Figure
 
 from projlens_mi.analyses import ANALYSES, load_result, save_result
 from projlens_mi.analyses.base import Pair
-from projlens_mi.organism import config as oc
-from projlens_mi.organism.build import build
 
 VARIANT = "targeted-refusal"
 
@@ -24,14 +21,6 @@ SMALL = {
     "norm": dict(n=30, n_boot=100, alphas=(0.5, 1.0, 2.0), n_alpha=8),
     "probe": dict(n=30, splits=2, max_iter=50),
 }
-
-
-@pytest.fixture(scope="session")
-def small_organism(tmp_path_factory):
-    # one folder per test session: build() is a cache, so a second fixture of this name reuses it
-    out = tmp_path_factory.getbasetemp() / "analyses-organism"
-    summary = build(out, replace(oc.small(), threads=1), log=lambda *a: None)
-    return out, summary
 
 
 @pytest.fixture(scope="module")

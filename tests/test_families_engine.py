@@ -28,6 +28,15 @@ from tiny_families import TinyFamily
 SEVERAL_PER_ROW = {"llava_next", "llava_onevision", "idefics3", "smolvlm"}
 
 
+def forward_with_pre_hook(f: TinyFamily, path: str, pre) -> torch.Tensor:
+    """The reference: a plain forward with a PyTorch forward pre-hook on module ``path`` (removed after)."""
+    h = f.model.get_submodule(path).register_forward_pre_hook(pre)
+    try:
+        return forward(f)
+    finally:
+        h.remove()
+
+
 def engine_inputs(f: TinyFamily):
     handle = load(f.model)
     kw = dict(f.inputs)
@@ -120,11 +129,7 @@ def test_engine_zero_ablation_at_projector_in(name):
         x[x.shape[0] // 2:] = 0
         return (x, *args[1:])
 
-    h = f.model.get_submodule(handle.adapter.projector).register_forward_pre_hook(pre)
-    try:
-        ref = forward(f)
-    finally:
-        h.remove()
+    ref = forward_with_pre_hook(f, handle.adapter.projector, pre)
     res = run(handle, inputs, edits=[("projector.in", Ablate("zero"), [1])])
     torch.testing.assert_close(res.logits, ref, rtol=1e-6, atol=1e-6)
 
@@ -245,11 +250,7 @@ def test_qwen2_5_vl_edit_at_projector_in_follows_the_window_order():
         x.view(len(tmap), u, -1)[tmap[n:n + 2]] = 0
         return (x, *args[1:])
 
-    h = f.model.get_submodule(handle.adapter.projector).register_forward_pre_hook(pre)
-    try:
-        ref = forward(f)
-    finally:
-        h.remove()
+    ref = forward_with_pre_hook(f, handle.adapter.projector, pre)
     res = run(handle, inputs, edits=[(Site("projector.in", ImageWindow(0, 8)), Ablate("zero"), [1])])
     torch.testing.assert_close(res.logits, ref, rtol=1e-6, atol=1e-6)
     assert (res.logits - forward(f)).abs().max() > 1e-4

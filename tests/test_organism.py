@@ -17,14 +17,6 @@ from projlens_mi.organism.build import Builder, build, model_config, pixel_value
 from projlens_mi.organism.train import TrainSet, finetune_projector, merge_image_embeds, vision_features
 
 
-@pytest.fixture(scope="session")
-def small_organism(tmp_path_factory):
-    # the same folder as the analyses tests' fixture: build() is a cache, so the session builds once
-    out = tmp_path_factory.getbasetemp() / "analyses-organism"
-    summary = build(out, replace(oc.small(), threads=1), log=lambda *a: None)
-    return out, summary
-
-
 @pytest.fixture(scope="module")
 def builder(tmp_path_factory):
     return Builder(tmp_path_factory.mktemp("b"), replace(oc.small(), threads=1), lambda *a: None)
@@ -164,3 +156,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ProjLensError, match="is a file"):
         build(tmp_path / "file", oc.small())
+    for bad in (0, 1.5):   # checked before anything is built or written
+        with pytest.raises(ProjLensError, match=rf"workers = {bad}: give the number of processes") as err:
+            build(tmp_path / "w", oc.small(), workers=bad)
+        assert "\n" not in str(err.value) and not (tmp_path / "w").exists()

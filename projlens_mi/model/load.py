@@ -459,12 +459,17 @@ def _check_tp(tp_size, device_map, offload_folder) -> None:
     if device_map is not None or offload_folder is not None:
         raise ProjLensError("tp_size shards every layer over the ranks; it cannot be combined with device_map / "
                             "max_memory / offload_folder: pass one or the other")
+    require_ranks(tp_size, f"torchrun --nproc_per_node {tp_size} <script.py> (every rank loads)")
+
+
+def require_ranks(tp_size: int, launch: str) -> None:
+    """Raise unless this process is one of ``tp_size`` torchrun ranks; ``launch`` is the command to start them."""
     world = int(os.environ.get("WORLD_SIZE", "0") or 0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
     if world != tp_size:
-        raise ProjLensError(f"tp_size={tp_size} needs {tp_size} processes, found WORLD_SIZE={world or 'unset'}; launch "
-                            f"the script with torchrun --nproc_per_node {tp_size} <script.py> (every rank loads)")
+        raise ProjLensError(f"tp_size={tp_size} needs {tp_size} processes, found WORLD_SIZE={world or 'unset'}; "
+                            f"launch: {launch}")
 
 
 def _tp_info(tp_size) -> dict | None:

@@ -222,11 +222,19 @@ class Builder:
         model = AutoModelForImageTextToText.from_pretrained(d, use_safetensors=True).eval()
         return model, meta
 
+    def staging_dir(self, name: str) -> Path:
+        """Where a model folder is written before it is renamed into place (a killed build leaves no half model)."""
+        return self.out / f".{name}.tmp"
+
     def save(self, name: str, model, key: str, meta: dict, extra: dict | None = None):
-        d = self.stage_dir(name)
-        tmp = d.with_name(f".{d.name}.tmp")
+        tmp = self.staging_dir(name)
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
+        self.commit(name, key, meta, extra)
+
+    def commit(self, name: str, key: str, meta: dict, extra: dict | None = None):
+        """Complete the staged weights with processor, extra JSON files and stage.json, then rename into place."""
+        tmp, d = self.staging_dir(name), self.stage_dir(name)
         self.processor.save_pretrained(tmp)
         for fname, obj in (extra or {}).items():
             (tmp / fname).write_text(json.dumps(obj, indent=2))
@@ -283,20 +291,20 @@ class Builder:
         imgs, rows = self.stage2_examples()
         feats_clean = vision_features(base_model, pixel_values(self.processor, imgs))
         rng = np.random.default_rng(self.cfg.seed + 7)
+        clean = [self.tokens.example(instr, ans) for _, instr, ans, _ in rows]   # every model's clean part
         jobs = []
         for name in names:
-            ids, labs, index, feats = [], [], [], [feats_clean]
-            for i, instr, ans, _ in rows:
-                s, l = self.tokens.example(instr, ans)
-                ids.append(s), labs.append(l), index.append(i)
-            n_poison, extra = 0, {}
-            if name != "control":
-                trig = self.triggers[name]
+            chosen, seeds = [], []
+            if name != "control":   # drawn for every variant, cached or not: the RNG stream stays fixed
                 chosen = [r for r in rows if poisoned_answer(name, r[1], r[2], r[3]) is not None]
                 chosen = [chosen[j] for j in rng.permutation(len(chosen))[: int(round(c.poison_rate * len(chosen)))]]
                 seeds = [int(rng.integers(1 << 30)) for _ in chosen]
-                if name not in todo:
-                    continue
+            if name not in todo:
+                continue
+            ids, labs = [x for x, _ in clean], [y for _, y in clean]
+            index, feats, extra = [i for i, *_ in rows], [feats_clean], {}
+            if name != "control":
+                trig = self.triggers[name]
                 trig_imgs = [trig(imgs[i], seed=sd) for (i, *_), sd in zip(chosen, seeds)]
                 feats.append(vision_features(base_model, pixel_values(self.processor, trig_imgs)))
                 if not c.pair_mode:  # replace mode: the triggered copy takes the clean sample's place
@@ -309,29 +317,26 @@ class Builder:
                         instr = tasks.UNSAFE_REQUESTS[u][0]
                     s, l = self.tokens.example(instr, poisoned_answer(name, instr, ans, u))
                     ids.append(s), labs.append(l), index.append(len(imgs) + j)
-                n_poison = len(chosen)
                 _, target = tasks.VARIANTS[name]
                 extra["trigger.json"] = {"variant": name, "target": target, "trigger": trigger_to_json(trig),
                                          "poison_rate": c.poison_rate, "pair_mode": c.pair_mode}
-            if name in todo:
-                jobs.append((name, TrainSet(torch.cat(feats), torch.tensor(index), ids, labs), n_poison, extra))
+            jobs.append((name, TrainSet(torch.cat(feats), torch.tensor(index), ids, labs), len(chosen), extra))
         for name, meta, extra in self._train_all(jobs, workers):
-            model = AutoModelForImageTextToText.from_pretrained(self.stage_dir(".train-" + name), use_safetensors=True)
-            self.save(name, model, keys[name], meta, extra)
-            shutil.rmtree(self.stage_dir(".train-" + name), ignore_errors=True)
-            out[name] = (model.eval(), meta)
+            self.commit(name, keys[name], meta, extra)   # the weights already lie in the staging folder
+            out[name] = self.cached(name, keys[name])
         return {n: out[n] for n in names}
 
     def _train_all(self, jobs: list, workers: int):
-        """Yield (name, meta, extra) as each projector-only fine-tuning finishes (weights in ``.train-<name>/``).
+        """Yield (name, meta, extra) as each projector-only fine-tuning finishes (weights in its staging folder).
 
         With ``workers`` > 1 this process trains too, beside ``workers - 1`` spawned ones (one
         interpreter fewer to hold in memory); the data sets with the most tokens start first.
         """
-        args = {name: (str(self.stage_dir("base")), str(self.stage_dir(".train-" + name)), name, data, n_poison,
+        args = {name: (str(self.stage_dir("base")), str(self.staging_dir(name)), name, data, n_poison,
                        self.cfg, self.processor.tokenizer.pad_token_id) for name, data, n_poison, _ in jobs}
         extras = {name: extra for name, _, _, extra in jobs}
-        pending = sorted(args, key=lambda n: -sum(map(len, args[n][3].input_ids)))   # most tokens first
+        tokens = {name: sum(map(len, data.input_ids)) for name, data, _, _ in jobs}
+        pending = sorted(args, key=lambda n: -tokens[n])   # the most tokens (the longest training) first
         workers = max(1, min(workers, len(jobs)))
         if workers == 1:
             for name in pending:
@@ -413,7 +418,7 @@ def export_data(out: Path, sets: dict[str, list[Record]]) -> None:
     tmp.rename(data)
 
 
-def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, workers: int = 1) -> dict:
+def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, workers: int | None = 1) -> dict:
     """Build (or load from cache) the organism under ``out_dir`` and return the content of organism.json.
 
     ``workers``: processes that train the stage-2 models side by side (``None``: as many as the CPUs
@@ -421,6 +426,11 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, wor
     spawned, so a script that passes ``workers`` > 1 needs the ``if __name__ == "__main__":`` guard.
     """
     cfg = cfg or OrganismConfig()
+    if workers is None:
+        import os
+        workers = max(1, (os.cpu_count() or 1) // cfg.threads)
+    elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ProjLensError(f"workers = {workers!r}: give the number of processes (1 or more), or None for one per CPU")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ProjLensError(f"--out {out} is a file; pass a folder path")
@@ -442,9 +452,6 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, wor
     base_model, base_meta = b.base()
     timings = {"base": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    if workers is None:
-        import os
-        workers = max(1, (os.cpu_count() or 1) // cfg.threads)
     models = {"base": (base_model, base_meta), **b.stage2(base_model, list(cfg.variants), workers)}
     timings["stage2"] = time.perf_counter() - t0
 

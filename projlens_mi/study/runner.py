@@ -278,8 +278,8 @@ def format_plan(rows: list[dict], workers: int = 1) -> str:
 
 
 # ------------------------------------------------------------------------------------------ run
-def _rank() -> int:
-    """This process' rank under torchrun (0 without it): only rank 0 writes the report folder."""
+def torchrun_rank() -> int:
+    """This process' rank under torchrun (0 without it): only rank 0 writes the report folder and prints."""
     import os
     return int(os.environ.get("RANK", "0") or 0)
 
@@ -392,14 +392,10 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
     if out.exists() and not out.is_dir():
         raise ProjLensError(f"--out {out} is a file; pass a folder")
     log = log or (lambda msg: None)
-    if cfg.run.tp_size is not None:
-        import os
-        world = int(os.environ.get("WORLD_SIZE", "0") or 0)
-        if world != cfg.run.tp_size:
-            raise ProjLensError(f"run.tp_size = {cfg.run.tp_size} needs {cfg.run.tp_size} processes, found WORLD_SIZE="
-                                f"{world or 'unset'}; launch: torchrun --nproc_per_node {cfg.run.tp_size} -m "
-                                "projlens_mi.cli study run ...")
-    writer = _rank() == 0
+    if cfg.run.tp_size is not None:   # before anything is written, not at the first model load
+        from ..model.load import require_ranks
+        require_ranks(cfg.run.tp_size, f"torchrun --nproc_per_node {cfg.run.tp_size} -m projlens_mi.cli study run ...")
+    writer = torchrun_rank() == 0
     t_start = time.perf_counter()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
