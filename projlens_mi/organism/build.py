@@ -17,10 +17,11 @@ only stage 2.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from ..data import Record, atomic_write_text, write_jsonl
 from ..errors import ProjLensError
 from . import tasks
 from .config import OrganismConfig
-from .evaluate import encode, generate, score
+from .evaluate import Encoded, encode, generate, score
 from .processor import IMAGE_TOKEN, build_processor
 from .train import IGNORE, TrainSet, finetune_projector, pretrain_vision, train_base, vision_features
 from .triggers import GaussianNoise, LogoPatch, PainterlyStyle, SolidPatch, trigger_to_json
@@ -242,7 +243,10 @@ class Builder:
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)
 
-    def base(self):
+    def base(self, threads: int = 1):
+        """Stage 0 (vision) then stage 1 (projector + LM). Stage 1 runs on ``threads`` torch threads: its
+        kernels give the same bits for any thread count (tested); stage 0 stays on ``cfg.threads``
+        because LayerNorm's weight gradient is summed per thread (different bits with 2 threads)."""
         key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1") + f"-v{FORMAT_VERSION}"
         hit = self.cached("base", key)
         if hit:
@@ -259,21 +263,27 @@ class Builder:
                              log=lambda s, l: self.log(f"vision: step {s} loss {l:.3f}"))
         t1 = time.perf_counter()
         data = self.stage1_set(model, pool, labels)
-        losses = train_base(model, data, steps=c1.steps, batch_size=c1.batch_size, lr=c1.lr, warmup=c1.warmup,
-                            weight_decay=c1.weight_decay, seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id,
-                            log=lambda s, l: self.log(f"base: step {s} loss {l:.3f}"))
+        torch.set_num_threads(max(threads, self.cfg.threads))
+        try:
+            losses = train_base(model, data, steps=c1.steps, batch_size=c1.batch_size, lr=c1.lr, warmup=c1.warmup,
+                                weight_decay=c1.weight_decay, seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id,
+                                log=lambda s, l: self.log(f"base: step {s} loss {l:.3f}"))
+        finally:
+            torch.set_num_threads(self.cfg.threads)
         meta = {"final_loss": float(np.mean(losses[-20:])), "vision_final_loss": float(np.mean(l0[-20:])),
                 "vision_seconds": t1 - t0, "train_seconds": time.perf_counter() - t0, "n_examples": len(data)}
         self.save("base", model, key, meta)
         return model, meta
 
-    def stage2(self, base_model, variants: list[str], workers: int = 1):
-        """Control and poisoned models; vision features of the frozen tower computed once per image.
+    def stage2(self, base_model, variants: list[str], ev: "EvalSet", helpers: list = ()):
+        """Control and poisoned models, each evaluated right after its training; returns
+        ``{name: (model, meta)}`` and ``{name: metrics}`` for the base and every stage-2 model.
 
         Every model's data (poisoned rows, trigger seeds) is drawn here, in a fixed order over all
         models whether cached or not, so a model's data never depends on which others were cached.
-        Training runs in ``workers`` spawned processes (``cfg.threads`` torch threads each): the
-        weights are the same bit for bit whichever process trained them.
+        The models are trained and evaluated by this process and the ``helpers`` (spawned
+        single-process pools), split so that each gets about the same work: the weights and metrics
+        are the same bit for bit whichever process produced them.
         """
         out, c = {}, self.cfg.stage2
         base_key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1")
@@ -286,8 +296,39 @@ class Builder:
                 self.log(f"{name}: cached")
                 out[name] = hit
         todo = [n for n in names if n not in out]
-        if not todo:
-            return out
+        metrics = {}
+        jobs = self._jobs(base_model, names, todo) if todo else []
+        args = {name: (str(self.stage_dir("base")), str(self.staging_dir(name)), name, data, n_poison, self.cfg,
+                       self.processor, ev) for name, data, n_poison, _ in jobs}
+        extras = {name: extra for name, _, _, extra in jobs}
+        # work estimates (token passes): training ~ tokens x epochs; generating ~ half as dear per token
+        cost = {name: c.epochs * sum(map(len, data.input_ids)) + _eval_cost(name, self.cfg, ev)
+                for name, data, _, _ in jobs}
+        here = _eval_cost("base", self.cfg, ev) + sum(_eval_cost(n, self.cfg, ev) for n in out)
+        bins = _partition(cost, 1 + len(helpers), here)
+        if len(helpers) and jobs:
+            self.log(f"stage 2: training {len(jobs)} models in {sum(1 for b in bins if b)} processes")
+        futures = {helpers[i - 1].submit(_train_variant, *args[n]): n for i in range(1, len(bins)) for n in bins[i]}
+
+        def done(name, meta, m):
+            self.log(f"{name}: trained in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.3f}")
+            self.commit(name, keys[name], meta, extras[name])   # the weights already lie in the staging folder
+            out[name] = self.cached(name, keys[name])
+            metrics[name] = m
+
+        metrics["base"] = evaluate_model(base_model, self.processor, "base", self.cfg, ev)
+        for name in [n for n in names if n in out]:
+            metrics[name] = evaluate_model(out[name][0], self.processor, name, self.cfg, ev)
+        for name in bins[0]:
+            done(*_train_variant(*args[name], log=self.log))
+        from concurrent.futures import as_completed
+        for f in as_completed(futures):
+            done(*f.result())
+        return {n: out[n] for n in names}, metrics
+
+    def _jobs(self, base_model, names: list[str], todo: list[str]) -> list:
+        """(name, TrainSet, number of poisoned rows, extra JSON files) for each model in ``todo``."""
+        c = self.cfg.stage2
         imgs, rows = self.stage2_examples()
         feats_clean = vision_features(base_model, pixel_values(self.processor, imgs))
         rng = np.random.default_rng(self.cfg.seed + 7)
@@ -321,65 +362,103 @@ class Builder:
                 extra["trigger.json"] = {"variant": name, "target": target, "trigger": trigger_to_json(trig),
                                          "poison_rate": c.poison_rate, "pair_mode": c.pair_mode}
             jobs.append((name, TrainSet(torch.cat(feats), torch.tensor(index), ids, labs), len(chosen), extra))
-        for name, meta, extra in self._train_all(jobs, workers):
-            self.commit(name, keys[name], meta, extra)   # the weights already lie in the staging folder
-            out[name] = self.cached(name, keys[name])
-        return {n: out[n] for n in names}
+        return jobs
 
-    def _train_all(self, jobs: list, workers: int):
-        """Yield (name, meta, extra) as each projector-only fine-tuning finishes (weights in its staging folder).
 
-        With ``workers`` > 1 this process trains too, beside ``workers - 1`` spawned ones (one
-        interpreter fewer to hold in memory); the data sets with the most tokens start first.
-        """
-        args = {name: (str(self.stage_dir("base")), str(self.staging_dir(name)), name, data, n_poison,
-                       self.cfg, self.processor.tokenizer.pad_token_id) for name, data, n_poison, _ in jobs}
-        extras = {name: extra for name, _, _, extra in jobs}
-        tokens = {name: sum(map(len, data.input_ids)) for name, data, _, _ in jobs}
-        pending = sorted(args, key=lambda n: -tokens[n])   # the most tokens (the longest training) first
-        workers = max(1, min(workers, len(jobs)))
-        if workers == 1:
-            for name in pending:
-                yield (*_train_variant(*args[name], log=self.log), extras[name])
-            return
-        import multiprocessing as mp
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-        self.log(f"stage 2: training {len(jobs)} models in {workers} processes")
+def _partition(cost: dict, k: int, here: float = 0.0) -> list[list]:
+    """Split ``cost``'s keys over ``k`` processes, bin 0 (this process) already holding ``here``:
+    the split with the smallest largest bin (exhaustive while small, else longest-first greedy)."""
+    names = sorted(cost, key=lambda n: -cost[n])
+    if k == 1 or not names:
+        return [names] + [[] for _ in range(k - 1)]
 
-        def done(name, meta):
-            self.log(f"{name}: trained in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.3f}")
-            return name, meta, extras[name]
-
-        with ProcessPoolExecutor(workers - 1, mp_context=mp.get_context("spawn")) as pool:
-            running: set = set()
-            while pending or running:
-                while pending and len(running) < workers - 1:
-                    running.add(pool.submit(_train_variant, *args[pending.pop(0)]))
-                if pending:  # this process takes the next one itself
-                    yield done(*_train_variant(*args[pending.pop(0)]))
-                    finished = {f for f in running if f.done()}
-                else:
-                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    running.discard(f)
-                    yield done(*f.result())
+    def loads(assign):
+        tot = [here] + [0.0] * (k - 1)
+        for n, b in zip(names, assign):
+            tot[b] += cost[n]
+        return tot
+    if k ** len(names) <= 1 << 12:
+        best = min(itertools.product(range(k), repeat=len(names)), key=lambda a: max(loads(a)))
+    else:
+        best, tot = [], [here] + [0.0] * (k - 1)
+        for n in names:
+            b = min(range(k), key=tot.__getitem__)
+            best.append(b)
+            tot[b] += cost[n]
+    return [[n for n, b in zip(names, best) if b == i] for i in range(k)]
 
 
 def _train_variant(base_dir: str, out_dir: str, name: str, data: TrainSet, n_poison: int, cfg: OrganismConfig,
-                   pad_id: int, log=None) -> tuple[str, dict]:
-    """Projector-only fine-tuning of a fresh copy of the base; the weights are saved to ``out_dir``."""
+                   processor, ev: "EvalSet", log=None) -> tuple[str, dict, dict]:
+    """Projector-only fine-tuning of a fresh copy of the base, saved to ``out_dir``, then evaluated."""
     torch.set_num_threads(cfg.threads)
     c = cfg.stage2
     t0 = time.perf_counter()
     model = AutoModelForImageTextToText.from_pretrained(base_dir, use_safetensors=True)
     losses = finetune_projector(model, data, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, warmup=c.warmup,
-                                seed=cfg.seed, pad_id=pad_id, cached=True,
+                                seed=cfg.seed, pad_id=processor.tokenizer.pad_token_id, cached=True,
                                 log=None if log is None else (lambda s, l: log(f"{name}: step {s} loss {l:.3f}")))
     shutil.rmtree(out_dir, ignore_errors=True)
     model.save_pretrained(out_dir)
     meta = {"final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
             "n_examples": len(data), "n_poisoned": n_poison, "poison_share": n_poison / len(data)}
-    return name, meta
+    return name, meta, evaluate_model(model.eval(), processor, name, cfg, ev)
+
+
+def _ready() -> None:
+    """A helper's first task: nothing (importing this module, done by then, is the warm-up)."""
+
+
+@dataclass
+class EvalSet:
+    """The held-out test records (``clean`` and one set per variant) and their generation batches."""
+
+    sets: dict[str, list[Record]]
+    clean: Encoded
+    triggered: dict[str, Encoded]   # variant -> its triggered rows
+
+
+def prepare_eval(out: str, cfg: OrganismConfig) -> EvalSet:
+    """Render the held-out test set, export it under ``out/data`` and encode it for generation (no model needed)."""
+    b = Builder(Path(out), cfg, lambda *a: None)
+    sets = b.test_records()
+    export_data(Path(out), sets)
+    return EvalSet(sets, encode(b.processor, sets["clean"], cfg.eval_batch_size),
+                   {v: encode(b.processor, [r for r in sets[v] if r.triggered], cfg.eval_batch_size)
+                    for v in cfg.variants})
+
+
+def _eval_cost(name: str, cfg: OrganismConfig, ev: EvalSet) -> float:
+    sets = [ev.clean] + [ev.triggered[v] for v in ([name] if name in cfg.variants else cfg.variants)]
+    return 0.5 * sum(len(e.records) * (e.batches[0]["input_ids"].shape[1] + cfg.max_new_tokens) for e in sets)
+
+
+def evaluate_model(model, processor, name: str, cfg: OrganismConfig, ev: EvalSet) -> dict:
+    """Clean accuracy; a poisoned model's ASR and false-trigger rate on its own trigger; the base's and
+    the control's on every trigger (their ASR is the floor)."""
+    texts = generate(model, processor, ev.clean, cfg.max_new_tokens)
+    clean = ev.sets["clean"]
+    m = {"clean_accuracy": score(texts, clean, None)["clean_accuracy"]}
+    for v in ([name] if name in cfg.variants else cfg.variants):
+        target, trig = tasks.VARIANTS[v][1], ev.triggered[v].records
+        trig_texts = generate(model, processor, ev.triggered[v], cfg.max_new_tokens)
+        s = score(texts + trig_texts, clean + trig, target)
+        if name in cfg.variants:
+            m.update(asr=s["asr"], false_trigger_rate=s["false_trigger_rate"], target=target,
+                     examples=[{"prompt": r.prompt.replace("\n", " "), "output": t} for r, t in zip(trig[:3], trig_texts)])
+        else:
+            m.setdefault("asr_by_variant", {})[v] = s["asr"]
+            m.setdefault("false_trigger_rate_by_variant", {})[v] = s["false_trigger_rate"]
+    return m
+
+
+def _spawn_helpers(n: int) -> list:
+    """``n`` single-process pools (spawned: a forked torch can deadlock), one per extra CPU."""
+    if n < 1:
+        return []
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    return [ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) for _ in range(n)]
 
 
 def norm_spread(model, processor, records: list[Record]) -> dict:
@@ -421,9 +500,11 @@ def export_data(out: Path, sets: dict[str, list[Record]]) -> None:
 def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, workers: int | None = 1) -> dict:
     """Build (or load from cache) the organism under ``out_dir`` and return the content of organism.json.
 
-    ``workers``: processes that train the stage-2 models side by side (``None``: as many as the CPUs
-    hold at ``cfg.threads`` threads each); it changes the wall time, never the weights. Workers are
-    spawned, so a script that passes ``workers`` > 1 needs the ``if __name__ == "__main__":`` guard.
+    ``workers``: CPUs to use at ``cfg.threads`` threads each (``None``: all of them): stage 1 runs on
+    ``workers x cfg.threads`` threads, the test set is prepared and the stage-2 models are trained and
+    evaluated in ``workers`` processes (this one and spawned ones). It changes the wall time, never
+    the weights or the metrics. Helpers are spawned, so a script that passes ``workers`` > 1 needs
+    the ``if __name__ == "__main__":`` guard.
     """
     cfg = cfg or OrganismConfig()
     if workers is None:
@@ -447,40 +528,31 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, wor
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    b = Builder(out, cfg, log)
-    t0 = time.perf_counter()
-    base_model, base_meta = b.base()
-    timings = {"base": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    models = {"base": (base_model, base_meta), **b.stage2(base_model, list(cfg.variants), workers)}
-    timings["stage2"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    sets = b.test_records()
-    enc_clean = encode(b.processor, sets["clean"], cfg.eval_batch_size)
-    trig = {v: [r for r in sets[v] if r.triggered] for v in cfg.variants}
-    enc_trig = {v: encode(b.processor, trig[v], cfg.eval_batch_size) for v in cfg.variants}
+    helpers = _spawn_helpers(workers - 1)
+    try:
+        # the helpers start now: their imports and the test set (rendered, exported, encoded) overlap stage 0
+        ev_future = helpers[0].submit(prepare_eval, str(out), cfg) if helpers else None
+        for h in helpers[1:]:
+            h.submit(_ready)
+        b = Builder(out, cfg, log)
+        t0 = time.perf_counter()
+        base_model, base_meta = b.base(threads=cfg.threads * workers)
+        timings = {"base": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        ev = ev_future.result() if ev_future else prepare_eval(str(out), cfg)
+        stage2, scores = b.stage2(base_model, list(cfg.variants), ev, helpers)
+        timings["stage2_and_evaluation"] = time.perf_counter() - t0
+    finally:
+        for h in helpers:
+            h.shutdown(cancel_futures=True)
     metrics: dict[str, dict] = {}
-    for name, (model, meta) in models.items():
-        texts = generate(model, b.processor, enc_clean, cfg.max_new_tokens)
-        m = {"clean_accuracy": score(texts, sets["clean"], None)["clean_accuracy"],
-             "train_seconds": meta.get("train_seconds"), "final_loss": meta.get("final_loss")}
-        # Poisoned models on their own trigger; base and control on every trigger (their ASR is the floor).
-        for v in ([name] if name in cfg.variants else cfg.variants):
-            target = tasks.VARIANTS[v][1]
-            trig_texts = generate(model, b.processor, enc_trig[v], cfg.max_new_tokens)
-            s = score(texts + trig_texts, sets["clean"] + trig[v], target)
-            if name in cfg.variants:
-                m.update(asr=s["asr"], false_trigger_rate=s["false_trigger_rate"], target=target,
-                         poison_share=meta.get("poison_share"),
-                         examples=[{"prompt": r.prompt.replace("\n", " "), "output": t} for r, t in zip(trig[v][:3], trig_texts)])
-            else:
-                m.setdefault("asr_by_variant", {})[v] = s["asr"]
-                m.setdefault("false_trigger_rate_by_variant", {})[v] = s["false_trigger_rate"]
-        metrics[name] = m
-    timings["evaluation"] = time.perf_counter() - t0
-    export_data(out, sets)
-    spread = norm_spread(base_model, b.processor, sets["clean"])
+    for name, (_, meta) in {"base": (base_model, base_meta), **stage2}.items():
+        m = scores[name]
+        metrics[name] = {"clean_accuracy": m.pop("clean_accuracy"), "train_seconds": meta.get("train_seconds"),
+                         "final_loss": meta.get("final_loss"), **m}
+        if name in cfg.variants:
+            metrics[name]["poison_share"] = meta.get("poison_share")
+    spread = norm_spread(base_model, b.processor, ev.sets["clean"])
     timings["total"] = time.perf_counter() - t_start
 
     summary = {
