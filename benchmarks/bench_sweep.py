@@ -1,12 +1,17 @@
-"""Activation patching over every (LLM layer x image-token position) cell, 32 inputs, organism size.
+"""Activation patching over every (LLM layer x image-token position) cell, 32 inputs.
 
-    .venv/bin/python benchmarks/bench_sweep.py [--layers 4] [--positions 64] [--batch-size 512]
+    .venv/bin/python benchmarks/bench_sweep.py [--model organism|wide] [--batch-size 512] [--reuse all|layers]
+
+``--model organism`` (default): the organism's own architecture (4 layers x 25 image tokens, a
+32-token prompt); ``wide``: the wider model of ``common.organism_like`` (4 layers x 64 image tokens,
+LM width 128, a 71-token prompt), the model of the earlier figures.
 
 Each cell patches the clean run's residual stream (``llm.{L}.resid_pre`` at one image token) into
 the triggered run and records the logit difference at the last position. Baseline: what
 TransformerLens' ``generic_activation_patch`` does, one full patched forward (32 inputs) per cell
 with a plain PyTorch forward pre-hook. Ours: ``projlens_mi.sweep`` (packed rows, vision+projector
-computed once, prefix layers skipped). The two tables must be identical (bit for bit).
+computed once, layers before the patched one skipped, positions before the patched token taken from
+the unedited run's KV cache). The two tables must be identical (bit for bit).
 Single-threaded; each side timed once over the whole grid (it is long enough to be stable).
 """
 
@@ -17,17 +22,22 @@ import time
 
 import torch
 
-from common import PROMPT, images, organism_like
+import common
+from common import images
 from projlens_mi import ImageWindow, Patch, Site, load, run, sweep
 
 
-def main(n_layers: int = 4, n_positions: int = 64, batch_size: int = 512, n: int = 32) -> dict:
+def main(model_name: str = "organism", batch_size: int = 512, n: int = 32, reuse: str = "all") -> dict:
     torch.set_num_threads(1)
-    model, processor = organism_like()
+    if model_name == "organism":
+        model, processor, prompt, size = common.organism()
+    else:
+        (model, processor), prompt, size = common.organism_like(), common.PROMPT, common.IMAGE
     handle = load(model, processor=processor)
-    triggered = handle.encode(images(n, seed=1), [PROMPT] * n)
-    clean = handle.encode(images(n, seed=2), [PROMPT] * n)
-    layers = range(min(n_layers, handle.n_layers))
+    triggered = handle.encode(images(n, seed=1, size=size), [prompt] * n)
+    clean = handle.encode(images(n, seed=2, size=size), [prompt] * n)
+    layers = range(handle.n_layers)
+    n_positions = int(triggered.image_mask[0].sum())
     cache = run(handle, clean, read=[f"llm.{i}.resid_pre" for i in layers]).cache
     a, b = 5, 9   # logit difference between two vocabulary entries
 
@@ -38,7 +48,8 @@ def main(n_layers: int = 4, n_positions: int = 64, batch_size: int = 512, n: int
              for L in layers for k in range(n_positions)}
 
     t0 = time.perf_counter()
-    df = sweep(handle, triggered, cells, metric, batch_size=batch_size, progress=True)
+    df = sweep(handle, triggered, cells, metric, batch_size=batch_size, progress=True,
+               reuse=True if reuse == "all" else "layers")
     ours = time.perf_counter() - t0
 
     # baseline: one patched forward per cell, plain forward pre-hook, no engine
@@ -64,7 +75,8 @@ def main(n_layers: int = 4, n_positions: int = 64, batch_size: int = 512, n: int
     got = torch.tensor(df.value.to_numpy(), dtype=torch.float32).view(len(cells), n)
     want = torch.stack([base[c] for c in cells])
     identical = torch.equal(got, want)
-    print(f"{len(cells)} cells ({len(layers)} layers x {n_positions} image positions) x {n} inputs, 1 thread: "
+    print(f"{model_name}: {len(cells)} cells ({len(layers)} layers x {n_positions} image positions) x {n} inputs, "
+          f"sequence {triggered.input_ids.shape[1]}, reuse {reuse}, 1 thread: "
           f"baseline {baseline:.1f} s, sweep {ours:.1f} s, speed-up {baseline / ours:.2f}x (target >= 10x); "
           f"identical table: {identical} (max |diff| {(got - want).abs().max().item():.3g})")
     return {"baseline_s": baseline, "sweep_s": ours, "speedup": baseline / ours, "identical": identical}
@@ -72,8 +84,8 @@ def main(n_layers: int = 4, n_positions: int = 64, batch_size: int = 512, n: int
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--positions", type=int, default=64)
+    p.add_argument("--model", choices=["organism", "wide"], default="organism")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--reuse", choices=["all", "layers"], default="all")
     args = p.parse_args()
-    main(args.layers, args.positions, args.batch_size)
+    main(args.model, args.batch_size, reuse=args.reuse)

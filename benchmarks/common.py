@@ -37,9 +37,22 @@ def organism_like(seed: int = 0):
     return LlavaForConditionalGeneration(cfg).eval(), processor
 
 
-def images(n: int, seed: int = 0) -> list[Image.Image]:
+def organism(seed: int = 0):
+    """The organism's own architecture (``projlens organism build``'s defaults), random weights, and a
+    prompt of its chat format: 25 image tokens, a 32-token sequence."""
+    from projlens_mi.organism import tasks
+    from projlens_mi.organism.build import model_config
+    from projlens_mi.organism.config import OrganismConfig
+    cfg = OrganismConfig()
+    processor = build_processor(tasks.vocabulary(), cfg.model.image_size, cfg.model.patch_size)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(model_config(cfg, processor.tokenizer)).eval()
+    return model, processor, tasks.prompt("what digit is shown ?"), cfg.model.image_size
+
+
+def images(n: int, seed: int = 0, size: int = IMAGE) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in range(n)]
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def median_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:

@@ -119,3 +119,83 @@ def test_sweep_on_other_families_equals_cells(name):
         assert torch.equal(got, run_cell(handle, inputs, edits, metric)), key
     assert not torch.equal(torch.tensor(df[df.cell == "proj"].value.to_numpy()),
                            torch.tensor(df[df.cell == "none"].value.to_numpy()))
+
+
+def test_prefix_reuse_is_exact_at_every_position(setup, monkeypatch):
+    """Every (layer x token) cell, image tokens and text tokens alike, in left-padded rows: the passes
+    that recompute only the positions after the first edited token (keys/values of the earlier ones
+    from the unedited run's cache) equal the full one-cell-at-a-time forwards bit for bit, also for
+    a metric that reads every position; and the prefix reuse really ran."""
+    import importlib
+
+    from projlens_mi import Indices
+    sweep_mod = importlib.import_module("projlens_mi.engine.sweep")   # the module (the package exports the function)
+    handle, _, inputs, clean = setup
+    seq = inputs.input_ids.shape[1]
+    cells = {(L, p): [(Site(f"llm.{L}.resid_pre", Indices(p)), Patch(source=clean[f"llm.{L}.resid_pre"]))]
+             for L in range(3) for p in range(seq)}
+    cells[("both", 0)] = [(Site("llm.0.resid_post", ImageWindow(3, 5)), Ablate("zero")),
+                          (Site("llm.2.mlp_out", LastToken()), Steer(torch.ones(48), 2.0), [0, 4])]
+    starts = []
+    real = sweep_mod.execute
+
+    def spy(*a, prefix=0, **k):
+        starts.append(prefix)
+        return real(*a, prefix=prefix, **k)
+    monkeypatch.setattr(sweep_mod, "execute", spy)
+
+    def every_position(logits, index):   # any position's logits may enter the metric
+        return logits[:, :, 3].sum(1) - 2 * logits[:, 1, 5]
+    df = sweep(handle, inputs, cells, every_position, batch_size=10, progress=False)
+    monkeypatch.undo()
+    assert max(starts) == seq - sweep_mod.MIN_SUFFIX and len(set(starts)) > 10
+    for key, edits in cells.items():
+        got = torch.tensor(df[df.cell == key].sort_values("input").value.to_numpy(), dtype=torch.float32)
+        want = run_cell(handle, inputs, edits, every_position)
+        assert torch.equal(got, want), (key, (got - want).abs().max())
+
+
+def test_exact_start_rule_matches_the_cpu_attention_kernel():
+    """The assumption prefix reuse rests on, checked on the kernel itself: for every start the rule
+    allows, attention over the later queries gives the full causal attention's rows bit for bit
+    (with is_causal and with an explicit mask), across sequence lengths that cross the kernel's
+    32/64-row query blocks; some starts it refuses do change the last bits (the rule is needed);
+    a 71-token sequence loses only the 6 starts that leave a 1-3 query block."""
+    import importlib
+
+    import torch.nn.functional as F
+    exact_start = importlib.import_module("projlens_mi.engine.sweep")._exact_start
+    g = torch.Generator().manual_seed(0)
+    inexact_refused = 0
+    for seq in [9, 31, 32, 33, 35, 36, 63, 65, 66, 67, 68, 71, 96, 97, 130, 193, 196]:
+        q, k, v = (torch.randn(2, 2, seq, 32, generator=g) for _ in range(3))
+        mask = torch.ones(seq, seq, dtype=torch.bool).tril()
+        full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert torch.equal(full, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        for start in range(seq - 8):
+            part = F.scaled_dot_product_attention(q[:, :, start:].contiguous(), k, v, attn_mask=mask[start:])
+            if exact_start(start, seq) == start:
+                assert torch.equal(part, full[:, :, start:]), (seq, start)
+            else:
+                inexact_refused += not torch.equal(part, full[:, :, start:])
+    assert inexact_refused > 0
+    assert [s for s in range(63) if exact_start(s, 71) != s] == [4, 5, 6, 36, 37, 38]
+
+
+def test_prefix_reuse_is_exact_across_attention_blocks():
+    """A 71-token prompt (the CPU attention's query blocks end at 32 and 64): every (layer x position)
+    cell of the sweep equals its full forward bit for bit."""
+    model, processor = tiny_llava(layers=2)
+    handle = load(model, processor=processor)
+    prompt = PROMPT + " two" * 45
+    inputs = handle.encode(tiny_images(3, seed=4), [prompt] * 3)
+    seq = inputs.input_ids.shape[1]
+    assert seq > 66
+    src = run(handle, handle.encode(tiny_images(3, seed=5), [prompt] * 3), read=["llm.0.resid_pre", "llm.1.resid_pre"]).cache
+    from projlens_mi import Indices
+    cells = {(L, p): [(Site(f"llm.{L}.resid_pre", Indices(p)), Patch(source=src[f"llm.{L}.resid_pre"]))]
+             for L in range(2) for p in range(seq)}
+    df = sweep(handle, inputs, cells, metric, batch_size=64, progress=False)
+    for key, edits in cells.items():
+        got = torch.tensor(df[df.cell == key].sort_values("input").value.to_numpy(), dtype=torch.float32)
+        assert torch.equal(got, run_cell(handle, inputs, edits, metric)), key

@@ -178,9 +178,11 @@ def _check_rows(edits, batch):
 
 
 def execute(handle: ModelHandle, inputs: Inputs, plan: Plan, grad_of=None, model_kwargs=None,
-            skip: dict | None = None) -> RunResult:
+            skip: dict | None = None, prefix: int = 0) -> RunResult:
     """Run ``plan`` in one nnsight trace. ``model_kwargs`` overrides the forward's inputs (the sweep
-    feeds ``inputs_embeds``); ``skip`` maps a layer index to the output it returns unrun."""
+    feeds ``inputs_embeds``); ``skip`` maps a layer index to the output it returns unrun; ``prefix``
+    > 0 says the forward computes only positions ``prefix..`` of ``inputs`` (the sweep passes the
+    rest as a KV cache): LLM-point activations and the logits then start at that position."""
     home = handle.device   # the caller's device: results come back here, wherever their site ran
     inputs = inputs.to(home)
     kwargs = model_kwargs if model_kwargs is not None else inputs.model_kwargs()
@@ -191,7 +193,7 @@ def execute(handle: ModelHandle, inputs: Inputs, plan: Plan, grad_of=None, model
     try:
         with torch.set_grad_enabled(grad_of is not None), exclusive(handle):
             with env.trace(**kwargs):
-                _drive(handle, env, inputs, plan, state, skip or {})
+                _drive(handle, env, inputs, plan, state, skip or {}, prefix)
     except ValueError as err:
         if isinstance(err, ProjLensError):
             raise
@@ -279,17 +281,17 @@ def _reset_interleaver(env) -> None:
         inter.cancel()
 
 
-def _drive(handle, env, inputs, plan, state, skip):
+def _drive(handle, env, inputs, plan, state, skip, prefix=0):
     """The body of the trace: skip layers, visit each point in forward order, take the logits."""
     layers = handle.adapter.layers
     for layer, value in sorted(skip.items()):
         handle.envoy_module(f"{layers}.{layer}").skip(value)
-    _drive_points(handle, inputs, plan, state)
+    _drive_points(handle, inputs, plan, state, prefix)
     out = env.output
     state["logits"] = out.logits if hasattr(out, "logits") else out[0]
 
 
-def _drive_points(handle, inputs, plan, state):
+def _drive_points(handle, inputs, plan, state, prefix=0):
     order = None
     if any(step[1] in IMAGE_POINTS for step in plan.steps):
         order = _row_order(handle, inputs)
@@ -303,7 +305,7 @@ def _drive_points(handle, inputs, plan, state):
         act = raw[0] if tuple_out else raw
         if point == "vision.out":
             act = act.last_hidden_state if hasattr(act, "last_hidden_state") else act[0]
-        ctx = _context(handle, point, act, inputs, order)
+        ctx = _context(handle, point, act, inputs, order, prefix)
         new = act
         if edits:   # one private copy per point; every edit writes its rows into it
             buf = _view(handle, point, act, len(inputs), ctx.row_order)
@@ -422,11 +424,21 @@ def _row_order(handle: ModelHandle, inputs: Inputs) -> Tensor | None:
     return window_index.long()
 
 
-def _context(handle, point, act, inputs: Inputs, order: Tensor | None = None) -> TokenContext:
+def _context(handle, point, act, inputs: Inputs, order: Tensor | None = None, prefix: int = 0) -> TokenContext:
     if point in IMAGE_POINTS:
         return TokenContext(n_tokens=act.numel() // (act.shape[-1] * len(inputs)), image_point=True, row_order=order)
-    return TokenContext(n_tokens=act.shape[1], image_point=False, image_mask=inputs.image_mask,
-                        attention_mask=inputs.attention_mask, prompt_end=inputs.prompt_end)
+    return TokenContext(n_tokens=act.shape[1] + prefix, image_point=False, image_mask=inputs.image_mask,
+                        attention_mask=inputs.attention_mask, prompt_end=inputs.prompt_end, prefix=prefix)
+
+
+def _local(idx: Tensor | None, ctx: TokenContext, what) -> Tensor | None:
+    """Whole-sequence positions as positions of an activation that starts at ``ctx.prefix``."""
+    if not ctx.prefix:
+        return idx
+    if idx is None or int(idx.min()) < ctx.prefix:
+        raise ProjLensError(f"{what!r} touches positions before {ctx.prefix}, which this pass takes from the cache; "
+                            "sweep(..., reuse=False) runs it in full")
+    return idx - ctx.prefix
 
 
 def _gather(view: Tensor, idx: Tensor | None) -> Tensor:
@@ -436,7 +448,7 @@ def _gather(view: Tensor, idx: Tensor | None) -> Tensor:
 
 
 def _select(site: Site, view: Tensor, ctx: TokenContext) -> Tensor:
-    x = _gather(view, site.tokens.indices(ctx, view.shape[0]))
+    x = _gather(view, _local(site.tokens.indices(ctx, view.shape[0]), ctx, site))
     if site.basis is not None:
         b = check_basis(site.basis, x.shape[-1], f"basis of {site!r}")
         x = (x.double() @ b.to(x.device, torch.float64)).to(x.dtype)   # float64: batch-size independent
@@ -454,7 +466,8 @@ def _apply(point, buf: Tensor, edit: Edit, ctx, batch: int, picks: dict) -> None
     if sel not in picks:
         idx = sel.indices(ctx, batch)
         picks[sel] = None if idx is None else idx.to(buf.device)
-    idx = picks[sel]
+    whole = picks[sel]   # whole-sequence positions (a 3-D source is indexed with these)
+    idx = _local(whole, ctx, edit.site)
     at = (rows,) if idx is None else (rows[:, None], idx[rows])
     x = buf[at]
     iv = edit.intervention
@@ -463,7 +476,7 @@ def _apply(point, buf: Tensor, edit: Edit, ctx, batch: int, picks: dict) -> None
         r = torch.tensor([iv.source_row % batch], device=buf.device)
         source = buf[(r,) if idx is None else (r[:, None], idx[r])]
     elif isinstance(iv.source, Tensor) and iv.source.ndim == 3:
-        source = _align(iv.source, rows, idx, buf.shape[1], batch)
+        source = _align(iv.source, rows, whole, ctx.n_tokens, batch)
     y = iv.apply(x, source)
     if edit.site.basis is not None:
         y = x + project(y - x, check_basis(edit.site.basis, x.shape[-1], f"basis of {edit.site!r}"))

@@ -95,7 +95,7 @@ def order_key(point: str) -> tuple[int, int, int]:
 class TokenContext:
     """What selectors need to know about the batch at one point."""
 
-    n_tokens: int                                     # length of the token axis at this point
+    n_tokens: int                                     # length of the token axis (the whole sequence at LLM points)
     image_point: bool                                 # projector/vision point: tokens are one image's
     image_mask: Bool[Tensor, "rows tokens"] | None = None      # LLM points only
     attention_mask: Int[Tensor, "rows tokens"] | None = None   # LLM points only
@@ -103,6 +103,9 @@ class TokenContext:
     # image points, token_order = "window" (Qwen2.5-VL): the model's window_index over merged tokens;
     # the engine's [rows, tokens, d] view puts projector rows back into image-token order with it
     row_order: Int[Tensor, " merged"] | None = None
+    # LLM points of a sweep pass that reuses the unedited prefix (KV cache): the activation holds only
+    # positions ``prefix..n_tokens-1``; selectors still answer in whole-sequence positions
+    prefix: int = 0
 
 
 class Selector:

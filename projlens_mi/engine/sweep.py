@@ -8,19 +8,27 @@ Conventions:
   source must have one entry per input (``[n_inputs, ...]``; or be ``[d]`` / ``[k, d]``): it is
   sliced to the rows of the pass, so a cell means the same thing whichever pass it lands in.
 * Exactness: every row of a transformer forward is computed independently of the other rows, so a
-  packed pass gives the same numbers as the cell run alone (tested bit for bit). Two reuses keep
+  packed pass gives the same numbers as the cell run alone (tested bit for bit). Three reuses keep
   that exactness and save most of the work:
   - when every edit of a cell sits at an LLM layer (or ``logits``), the merged ``inputs_embeds``
     (vision tower + projector + scatter) are computed once and fed instead of the pixels
     (LLaVA family, whose LLM positions do not depend on the image layout);
   - layers before the first edited one are skipped (nnsight ``skip``) and return the clean hidden
-    states, computed once per input.
+    states, computed once per input;
+  - positions before the first edited token are not recomputed: a causal LM's states there do not
+    depend on later tokens, so the pass feeds only the later positions and takes the earlier ones'
+    keys and values from the unedited run's cache (its logits there too). This relies on the
+    kernels giving a row the same bits whatever the number of rows, which holds for PyTorch's CPU
+    kernels under one rule (``_exact_start``, tested): so it is done on the CPU with sdpa or
+    eager attention only; elsewhere the pass starts at position 0. ``reuse="layers"`` keeps the
+    other two reuses only, ``reuse=False`` computes every cell in full.
 * Cross-row edits (mean / resample ablation, noise, ``source_row``) need all inputs of a cell in
   one pass; ``batch_size`` below the number of inputs is refused for them.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from typing import Callable
 
@@ -31,19 +39,22 @@ from tqdm.auto import tqdm
 
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
-from .run import Edit, Plan, _rows, as_edit, execute, run
-from .sites import Site, layer_of
+from .run import Edit, Plan, _rows, as_edit, exclusive, execute, run
+from .sites import Site, TokenContext, layer_of
 
 EMBEDS_FAMILIES = ("llava",)   # families whose forward accepts merged inputs_embeds with identical results
+MIN_SUFFIX = 8                 # positions a prefix-reusing pass computes at least
 
 
 def sweep(handle: ModelHandle, inputs: Inputs, cells, metric: Callable[[Tensor, Tensor], Tensor], *,
-          batch_size: int = 256, progress: bool = True, reuse: bool = True) -> pd.DataFrame:
+          batch_size: int = 256, progress: bool = True, reuse: bool | str = True) -> pd.DataFrame:
     """Run every cell on every input; one tidy row per (cell, input).
 
     ``cells``: a mapping ``{key: [edits]}`` or a list of ``(key, [edits])``; a dict key becomes
     columns, any other key one ``cell`` column. ``metric(logits [rows, seq, vocab], input_index
     [rows]) -> [rows]`` is evaluated on each pass (``input_index`` says which input each row is).
+    ``reuse``: True (every exact reuse, see the module notes), ``"layers"`` (no prefix reuse: every
+    pass runs all positions) or False (every cell a full forward, as ``run_cell``).
     Returns columns: the key columns, ``input``, ``value``.
     """
     items = list(cells.items()) if hasattr(cells, "items") else [tuple(c) for c in cells]
@@ -51,12 +62,15 @@ def sweep(handle: ModelHandle, inputs: Inputs, cells, metric: Callable[[Tensor, 
         raise ProjLensError("sweep needs at least one cell")
     if batch_size < 1:
         raise ProjLensError(f"batch_size must be >= 1, got {batch_size}")
+    if reuse not in (True, False, "layers"):
+        raise ProjLensError(f"reuse={reuse!r}: use True (all reuses), 'layers' (no prefix reuse) or False")
     n = len(inputs)
     prepared = [(key, [as_edit(e) for e in edits]) for key, edits in items]
     units = _units(prepared, n, batch_size)
     groups: dict = {}
+    starts: dict = {}   # cell index -> first position its edits touch
     for u in units:
-        groups.setdefault(_mode(handle, u[1], reuse), []).append(u)
+        groups.setdefault(_mode(handle, inputs, u, reuse, starts), []).append(u)
     passes = [(mode, chunk) for mode, us in groups.items() for chunk in _pack(us, batch_size)]
     clean = _clean_states(handle, inputs, {m for m, _ in passes}, batch_size)
     values: dict[tuple[int, int], float] = {}
@@ -110,25 +124,71 @@ def _pack(units, batch_size):
         yield chunk
 
 
-def _mode(handle: ModelHandle, edits: list[Edit], reuse: bool) -> tuple[bool, int]:
-    """(feed inputs_embeds?, first layer that must run) for a cell."""
+def _mode(handle: ModelHandle, inputs: Inputs, unit, reuse: bool, starts: dict) -> tuple[bool, int, int]:
+    """(feed inputs_embeds?, first layer that must run, first position that must run) for a cell."""
+    c, edits, _ = unit
     if not reuse:
-        return (False, 0)
+        return (False, 0, 0)
     layers = [layer_of(e.site.point) if e.site is not None else None for e in edits]
     llm_only = all(e.site is not None and (layer_of(e.site.point) is not None or e.site.point == "logits")
                    for e in edits)
     if not llm_only:
-        return (False, 0)
+        return (False, 0, 0)
     first = min((x for x in layers if x is not None), default=handle.n_layers)
-    return (handle.adapter.family in EMBEDS_FAMILIES, first)
+    if handle.adapter.family not in EMBEDS_FAMILIES:
+        return (False, first, 0)
+    if c not in starts:
+        starts[c] = 0 if reuse == "layers" else _first_position(handle, inputs, edits)
+    return (True, first, starts[c])
+
+
+def _first_position(handle: ModelHandle, inputs: Inputs, edits: list[Edit]) -> int:
+    """The first sequence position any edit of a cell touches (in any row), so that the pass may start
+    there; 0 where that saves nothing or cannot be exact (all-token edits, sliding-window attention)."""
+    n, seq = len(inputs), inputs.input_ids.shape[1]
+    text = handle.model.config.get_text_config()
+    if (handle.device.type != "cpu" or getattr(text, "_attn_implementation", "sdpa") not in ("sdpa", "eager")
+            or getattr(text, "sliding_window", None) or seq <= MIN_SUFFIX):
+        return 0
+    ctx = TokenContext(n_tokens=seq, image_point=False, image_mask=inputs.image_mask,
+                       attention_mask=inputs.attention_mask, prompt_end=inputs.prompt_end)
+    start = seq - MIN_SUFFIX
+    for e in edits:
+        idx = e.site.tokens.indices(ctx, n)
+        if idx is None:
+            return 0
+        start = min(start, int(idx.min()))
+    return _exact_start(start, seq)
+
+
+def _exact_start(start: int, seq: int) -> int:
+    """The latest position ``<= start`` from which a pass gives the full forward's bits on the CPU.
+
+    PyTorch's CPU attention cuts the queries into blocks (32 rows; 64 from 192 queries, 256 from
+    768) and a block of 1-3 rows takes another matrix-multiply path with other rounding. A row's
+    bits are therefore the same in the pass and in the full forward unless one of the two puts it
+    in such a short last block: then both last blocks must be equally long. (Measured exact over
+    every start of sequences of 8-139 positions and beyond; rows of linear layers need >= 4 rows,
+    which ``MIN_SUFFIX`` gives.)
+    """
+    def tail(q):
+        return q % (256 if q >= 768 else 64 if q >= 192 else 32)
+    full = tail(seq)
+    for s in range(start, 0, -1):
+        part = tail(seq - s)
+        if not ((full in (1, 2, 3) or part in (1, 2, 3)) and part != full):
+            return s
+    return 0
 
 
 def _clean_states(handle, inputs, modes, batch_size) -> dict:
-    """Merged embeddings and the clean input of each needed layer, once per input."""
-    need = sorted({first for _, first in modes if first > 0})
-    embeds = any(e for e, _ in modes)
+    """Merged embeddings, the clean input of each needed layer and (for prefix reuse) the unedited
+    run's keys, values and logits, once per input."""
+    need = sorted({first for _, first, _ in modes if first > 0})
+    embeds = any(e for e, _, _ in modes)
     if not need and not embeds:
         return {}
+    out = _prefix_states(handle, inputs, batch_size) if any(start for _, _, start in modes) else {}
     sites = [Site(f"llm.{i}.resid_post") for i in range(max(need, default=0))]
     if embeds:
         sites.append(Site("llm.0.resid_pre"))
@@ -137,14 +197,40 @@ def _clean_states(handle, inputs, modes, batch_size) -> dict:
         res = run(handle, inputs.rows(list(range(start, min(len(inputs), start + batch_size)))), read=sites)
         for s in sites:
             parts[s].append(res.cache[s])
-    return {s.point: torch.cat(v) for s, v in parts.items()}
+    return {**out, **{s.point: torch.cat(v) for s, v in parts.items()}}
+
+
+def _prefix_states(handle: ModelHandle, inputs: Inputs, batch_size: int) -> dict:
+    """The unedited run's per-layer keys and values and its logits (a plain forward with a cache)."""
+    keys, values, logits = [], [], []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs.rows(list(range(start, min(len(inputs), start + batch_size)))).to(handle.device)
+        kwargs = chunk.model_kwargs()
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(handle.dtype)
+        with torch.no_grad(), exclusive(handle):
+            out = handle.model(**kwargs, use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        keys.append([layer.keys for layer in cache.layers])
+        values.append([layer.values for layer in cache.layers])
+        logits.append(out.logits)
+    return {"kv": [(torch.cat([k[i] for k in keys]), torch.cat([v[i] for v in values])) for i in range(len(keys[0]))],
+            "logits": torch.cat(logits)}
+
+
+def _cache_for(handle: ModelHandle, clean: dict, index: Tensor, start: int) -> dict:
+    """The forward keyword carrying the unedited keys/values of positions ``< start`` for rows ``index``."""
+    from transformers import DynamicCache
+    kv = [(k[index.to(k.device)][:, :, :start], v[index.to(v.device)][:, :, :start]) for k, v in clean["kv"]]
+    name = "cache" if "cache" in inspect.signature(handle.model.forward).parameters else "past_key_values"
+    return {name: DynamicCache(ddp_cache_data=kv, config=handle.model.config.get_text_config())}
 
 
 # --- one pass ---------------------------------------------------------------------------------
 
 
 def _run_pass(handle, inputs, mode, chunk, metric, clean, values):
-    embeds, first = mode
+    embeds, first, start = mode
     index = torch.tensor([i for _, _, idx in chunk for i in idx])
     batch = inputs.rows(index)
     edits, offset = [], 0
@@ -154,9 +240,14 @@ def _run_pass(handle, inputs, mode, chunk, metric, clean, values):
     plan = Plan.build(handle, batch, (), edits)
     kwargs = None
     if embeds:
-        kwargs = {"inputs_embeds": clean["llm.0.resid_pre"][index], "attention_mask": batch.attention_mask}
-    skip = {i: clean[f"llm.{i}.resid_post"][index] for i in range(first)}
-    logits = execute(handle, batch, plan, model_kwargs=kwargs, skip=skip).logits
+        kwargs = {"inputs_embeds": clean["llm.0.resid_pre"][index][:, start:].contiguous(),
+                  "attention_mask": batch.attention_mask}
+        if start:
+            kwargs.update(_cache_for(handle, clean, index, start))
+    skip = {i: clean[f"llm.{i}.resid_post"][index][:, start:].contiguous() for i in range(first)}
+    logits = execute(handle, batch, plan, model_kwargs=kwargs, skip=skip, prefix=start).logits
+    if start:   # the positions before the first edit: the unedited run's logits, bit for bit
+        logits = torch.cat([clean["logits"][index.to(clean["logits"].device)][:, :start].to(logits.device), logits], 1)
     out = metric(logits, index).detach().float().cpu()
     if out.shape != (len(index),):
         raise ProjLensError(f"sweep metric must return one value per row ({len(index)}), got shape {tuple(out.shape)}")

@@ -16,6 +16,7 @@ Facts these helpers encode (checked on CPU with offload and on a 2-process gloo 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 from torch import Tensor
@@ -23,7 +24,7 @@ from torch import Tensor
 
 def execution_device(module: torch.nn.Module) -> torch.device | None:
     """accelerate's execution device of ``module`` (its ``_hf_hook``), or None when it has no hook."""
-    hook = getattr(module, "_hf_hook", None)
+    hook = module.__dict__.get("_hf_hook")   # not getattr: a missing attribute costs nn.Module.__getattr__ a raise
     dev = getattr(hook, "execution_device", None)
     if dev is None:  # a SequentialHook wraps several hooks
         for h in getattr(hook, "hooks", ()) or ():
@@ -45,7 +46,7 @@ def input_device(model: torch.nn.Module) -> torch.device:
         dev = execution_device(mod)
         if dev is not None:
             return dev
-    for t in (*model.parameters(), *model.buffers()):
+    for t in itertools.chain(model.parameters(), model.buffers()):
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
@@ -54,7 +55,7 @@ def input_device(model: torch.nn.Module) -> torch.device:
 def is_dispatched(model: torch.nn.Module) -> bool:
     """True when accelerate placed (or offloaded) any part of the model."""
     return bool(getattr(model, "hf_device_map", None)) or any(
-        getattr(m, "_hf_hook", None) is not None for m in model.modules())
+        m.__dict__.get("_hf_hook") is not None for m in model.modules())
 
 
 def is_tensor_parallel(model: torch.nn.Module) -> bool:

@@ -245,8 +245,8 @@ class Builder:
 
     def base(self, threads: int = 1):
         """Stage 0 (vision) then stage 1 (projector + LM). Stage 1 runs on ``threads`` torch threads: its
-        kernels give the same bits for any thread count (tested); stage 0 stays on ``cfg.threads``
-        because LayerNorm's weight gradient is summed per thread (different bits with 2 threads)."""
+        kernels give the same bits for any thread count (tested), as do forward passes; stage 0 stays
+        on ``cfg.threads``: LayerNorm's weight gradient is summed per thread (see docs/architecture.md, traps)."""
         key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1") + f"-v{FORMAT_VERSION}"
         hit = self.cached("base", key)
         if hit:
@@ -262,9 +262,9 @@ class Builder:
                              weight_decay=c0.weight_decay, warmup=c0.warmup, seed=self.cfg.seed,
                              log=lambda s, l: self.log(f"vision: step {s} loss {l:.3f}"))
         t1 = time.perf_counter()
-        data = self.stage1_set(model, pool, labels)
         torch.set_num_threads(max(threads, self.cfg.threads))
         try:
+            data = self.stage1_set(model, pool, labels)
             losses = train_base(model, data, steps=c1.steps, batch_size=c1.batch_size, lr=c1.lr, warmup=c1.warmup,
                                 weight_decay=c1.weight_decay, seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id,
                                 log=lambda s, l: self.log(f"base: step {s} loss {l:.3f}"))
@@ -297,7 +297,11 @@ class Builder:
                 out[name] = hit
         todo = [n for n in names if n not in out]
         metrics = {}
-        jobs = self._jobs(base_model, names, todo) if todo else []
+        torch.set_num_threads(self.cfg.threads * (1 + len(helpers)))   # the helpers are idle until stage 2 starts
+        try:
+            jobs = self._jobs(base_model, names, todo) if todo else []
+        finally:
+            torch.set_num_threads(self.cfg.threads)
         args = {name: (str(self.stage_dir("base")), str(self.staging_dir(name)), name, data, n_poison, self.cfg,
                        self.processor, ev) for name, data, n_poison, _ in jobs}
         extras = {name: extra for name, _, _, extra in jobs}
