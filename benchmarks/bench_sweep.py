@@ -1,6 +1,6 @@
 """Activation patching over every (LLM layer x image-token position) cell, 32 inputs.
 
-    .venv/bin/python benchmarks/bench_sweep.py [--model organism|wide] [--batch-size 512] [--reuse all|layers]
+    .venv/bin/python benchmarks/bench_sweep.py [--model organism|wide] [--batch-size 512] [--repeats 3]
 
 ``--model organism`` (default): the organism's own architecture (4 layers x 25 image tokens, a
 32-token prompt); ``wide``: the wider model of ``common.organism_like`` (4 layers x 64 image tokens,
@@ -12,12 +12,14 @@ TransformerLens' ``generic_activation_patch`` does, one full patched forward (32
 with a plain PyTorch forward pre-hook. Ours: ``projlens_mi.sweep`` (packed rows, vision+projector
 computed once, layers before the patched one skipped, positions before the patched token taken from
 the unedited run's KV cache). The two tables must be identical (bit for bit).
-Single-threaded; each side timed once over the whole grid (it is long enough to be stable).
+Single-threaded; baseline, sweep and sweep without prefix reuse alternate for ``--repeats`` rounds
+(medians reported).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -27,7 +29,7 @@ from common import images
 from projlens_mi import ImageWindow, Patch, Site, load, run, sweep
 
 
-def main(model_name: str = "organism", batch_size: int = 512, n: int = 32, reuse: str = "all") -> dict:
+def main(model_name: str = "organism", batch_size: int = 512, n: int = 32, repeats: int = 3) -> dict:
     torch.set_num_threads(1)
     if model_name == "organism":
         model, processor, prompt, size = common.organism()
@@ -47,45 +49,54 @@ def main(model_name: str = "organism", batch_size: int = 512, n: int = 32, reuse
     cells = {(L, k): [(Site(f"llm.{L}.resid_pre", ImageWindow(k, k + 1)), Patch(source=cache[f"llm.{L}.resid_pre"]))]
              for L in layers for k in range(n_positions)}
 
-    t0 = time.perf_counter()
-    df = sweep(handle, triggered, cells, metric, batch_size=batch_size, progress=True,
-               reuse=True if reuse == "all" else "layers")
-    ours = time.perf_counter() - t0
-
-    # baseline: one patched forward per cell, plain forward pre-hook, no engine
     pos = triggered.image_mask[0].nonzero()[:, 0]   # same prompt in every row
     kwargs = triggered.model_kwargs()
-    base = {}
-    t0 = time.perf_counter()
-    for (L, k) in cells:
-        src = cache[f"llm.{L}.resid_pre"][:, pos[k]]
 
-        def hook(module, args, p=pos[k], src=src):
-            h = args[0].clone()
-            h[:, p] = src
-            return (h, *args[1:])
-        handle_ = model.model.language_model.layers[L].register_forward_pre_hook(hook)
-        try:
-            with torch.no_grad():
-                base[(L, k)] = metric(model(**kwargs).logits, None)
-        finally:
-            handle_.remove()
-    baseline = time.perf_counter() - t0
+    def baseline():   # one patched forward per cell, plain forward pre-hook, no engine
+        out = {}
+        for (L, k) in cells:
+            src = cache[f"llm.{L}.resid_pre"][:, pos[k]]
 
-    got = torch.tensor(df.value.to_numpy(), dtype=torch.float32).view(len(cells), n)
-    want = torch.stack([base[c] for c in cells])
-    identical = torch.equal(got, want)
+            def hook(module, args, p=pos[k], src=src):
+                h = args[0].clone()
+                h[:, p] = src
+                return (h, *args[1:])
+            handle_ = model.model.language_model.layers[L].register_forward_pre_hook(hook)
+            try:
+                with torch.no_grad():
+                    out[(L, k)] = metric(model(**kwargs).logits, None)
+            finally:
+                handle_.remove()
+        return torch.stack([out[c] for c in cells])
+
+    def ours(reuse):
+        df = sweep(handle, triggered, cells, metric, batch_size=batch_size, progress=False, reuse=reuse)
+        return torch.tensor(df.value.to_numpy(), dtype=torch.float32).view(len(cells), n)
+
+    runs = {"baseline": baseline, "sweep": lambda: ours(True), "sweep_layers_only": lambda: ours("layers")}
+    times = {k: [] for k in runs}
+    tables = {}
+    for _ in range(repeats):   # interleaved: a drift of the shared machine hits all three alike
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            tables[k] = f()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    want = tables["baseline"]
+    identical = {k: torch.equal(tables[k], want) for k in ("sweep", "sweep_layers_only")}
     print(f"{model_name}: {len(cells)} cells ({len(layers)} layers x {n_positions} image positions) x {n} inputs, "
-          f"sequence {triggered.input_ids.shape[1]}, reuse {reuse}, 1 thread: "
-          f"baseline {baseline:.1f} s, sweep {ours:.1f} s, speed-up {baseline / ours:.2f}x (target >= 10x); "
-          f"identical table: {identical} (max |diff| {(got - want).abs().max().item():.3g})")
-    return {"baseline_s": baseline, "sweep_s": ours, "speedup": baseline / ours, "identical": identical}
+          f"sequence {triggered.input_ids.shape[1]}, batch_size {batch_size}, 1 thread, medians of {repeats} "
+          f"interleaved rounds: baseline {med['baseline']:.2f} s; sweep {med['sweep']:.2f} s, "
+          f"speed-up {med['baseline'] / med['sweep']:.2f}x (target >= 10x), identical table: {identical['sweep']}; "
+          f"without prefix reuse (reuse='layers') {med['sweep_layers_only']:.2f} s, "
+          f"{med['baseline'] / med['sweep_layers_only']:.2f}x, identical: {identical['sweep_layers_only']}")
+    return {"median_s": med, "speedup": med["baseline"] / med["sweep"], "identical": identical}
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=["organism", "wide"], default="organism")
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--reuse", choices=["all", "layers"], default="all")
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    main(args.model, args.batch_size, reuse=args.reuse)
+    main(args.model, args.batch_size, repeats=args.repeats)
