@@ -70,8 +70,9 @@ def test_reuse_off_gives_the_same_table(setup):
     handle, _, inputs, clean = setup
     cells = cells_for(handle, clean)
     a = sweep(handle, inputs, cells, metric, batch_size=8, progress=False)
-    b = sweep(handle, inputs, cells, metric, batch_size=8, progress=False, reuse=False)
-    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    for reuse in (False, "layers"):
+        b = sweep(handle, inputs, cells, metric, batch_size=8, progress=False, reuse=reuse)
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
 def test_dict_keys_become_columns_and_cross_row_cells(setup):
@@ -97,6 +98,8 @@ def test_sweep_errors(setup):
         sweep(handle, inputs, {"a": [("llm.0.resid_pre", Patch(source=torch.zeros(2, 3, 48)))]}, metric, progress=False)
     with pytest.raises(ProjLensError, match="one value per row"):
         sweep(handle, inputs, {"a": []}, lambda lg, i: lg[:, -1], progress=False)
+    with pytest.raises(ProjLensError, match=r"reuse='all': use True \(all reuses\), 'layers'"):
+        sweep(handle, inputs, {"a": []}, metric, reuse="all")
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "idefics3", "gemma3", "llava_next"])
