@@ -246,7 +246,7 @@ class Builder:
     def base(self, threads: int = 1):
         """Stage 0 (vision) then stage 1 (projector + LM). Stage 1 runs on ``threads`` torch threads: its
         kernels give the same bits for any thread count (tested), as do forward passes; stage 0 stays
-        on ``cfg.threads``: LayerNorm's weight gradient is summed per thread (see docs/architecture.md, traps)."""
+        on ``cfg.threads``: LayerNorm's (and the head's) weight gradients are summed per thread (docs/architecture.md, traps)."""
         key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1") + f"-v{FORMAT_VERSION}"
         hit = self.cached("base", key)
         if hit:
