@@ -427,7 +427,12 @@ def _row_order(handle: ModelHandle, inputs: Inputs) -> Tensor | None:
 def _context(handle, point, act, inputs: Inputs, order: Tensor | None = None, prefix: int = 0) -> TokenContext:
     if point in IMAGE_POINTS:
         return TokenContext(n_tokens=act.numel() // (act.shape[-1] * len(inputs)), image_point=True, row_order=order)
-    return TokenContext(n_tokens=act.shape[1] + prefix, image_point=False, image_mask=inputs.image_mask,
+    return llm_context(inputs, act.shape[1] + prefix, prefix)
+
+
+def llm_context(inputs: Inputs, n_tokens: int, prefix: int = 0) -> TokenContext:
+    """The selectors' view of an LLM point of ``inputs`` (``n_tokens`` = the whole sequence)."""
+    return TokenContext(n_tokens=n_tokens, image_point=False, image_mask=inputs.image_mask,
                         attention_mask=inputs.attention_mask, prompt_end=inputs.prompt_end, prefix=prefix)
 
 

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
-from .run import Edit, Plan, _rows, as_edit, exclusive, execute, run
-from .sites import Site, TokenContext, layer_of
+from .run import Edit, Plan, _rows, as_edit, execute, llm_context, run
+from .sites import Site, layer_of
 
 EMBEDS_FAMILIES = ("llava",)   # families whose forward accepts merged inputs_embeds with identical results
 MIN_SUFFIX = 8                 # positions a prefix-reusing pass computes at least
@@ -67,10 +67,11 @@ def sweep(handle: ModelHandle, inputs: Inputs, cells, metric: Callable[[Tensor, 
     n = len(inputs)
     prepared = [(key, [as_edit(e) for e in edits]) for key, edits in items]
     units = _units(prepared, n, batch_size)
+    prefix = reuse is True and _prefix_exact(handle, inputs)
+    modes = [_mode(handle, inputs, edits, reuse, prefix) for _, edits in prepared]
     groups: dict = {}
-    starts: dict = {}   # cell index -> first position its edits touch
     for u in units:
-        groups.setdefault(_mode(handle, inputs, u, reuse, starts), []).append(u)
+        groups.setdefault(modes[u[0]], []).append(u)
     passes = [(mode, chunk) for mode, us in groups.items() for chunk in _pack(us, batch_size)]
     clean = _clean_states(handle, inputs, {m for m, _ in passes}, batch_size)
     values: dict[tuple[int, int], float] = {}
@@ -124,9 +125,8 @@ def _pack(units, batch_size):
         yield chunk
 
 
-def _mode(handle: ModelHandle, inputs: Inputs, unit, reuse: bool, starts: dict) -> tuple[bool, int, int]:
+def _mode(handle: ModelHandle, inputs: Inputs, edits: list[Edit], reuse, prefix: bool) -> tuple[bool, int, int]:
     """(feed inputs_embeds?, first layer that must run, first position that must run) for a cell."""
-    c, edits, _ = unit
     if not reuse:
         return (False, 0, 0)
     layers = [layer_of(e.site.point) if e.site is not None else None for e in edits]
@@ -137,24 +137,26 @@ def _mode(handle: ModelHandle, inputs: Inputs, unit, reuse: bool, starts: dict) 
     first = min((x for x in layers if x is not None), default=handle.n_layers)
     if handle.adapter.family not in EMBEDS_FAMILIES:
         return (False, first, 0)
-    if c not in starts:
-        starts[c] = 0 if reuse == "layers" else _first_position(handle, inputs, edits)
-    return (True, first, starts[c])
+    return (True, first, _first_position(inputs, edits) if prefix else 0)
 
 
-def _first_position(handle: ModelHandle, inputs: Inputs, edits: list[Edit]) -> int:
-    """The first sequence position any edit of a cell touches (in any row), so that the pass may start
-    there; 0 where that saves nothing or cannot be exact (all-token edits, sliding-window attention)."""
-    n, seq = len(inputs), inputs.input_ids.shape[1]
+def _prefix_exact(handle: ModelHandle, inputs: Inputs) -> bool:
+    """Whether a pass may start after position 0 and keep the full forward's bits: on the CPU, with sdpa or
+    eager attention and no sliding window (the kernels measured; see ``_exact_start``), LLaVA family."""
     text = handle.model.config.get_text_config()
-    if (handle.device.type != "cpu" or getattr(text, "_attn_implementation", "sdpa") not in ("sdpa", "eager")
-            or getattr(text, "sliding_window", None) or seq <= MIN_SUFFIX):
-        return 0
-    ctx = TokenContext(n_tokens=seq, image_point=False, image_mask=inputs.image_mask,
-                       attention_mask=inputs.attention_mask, prompt_end=inputs.prompt_end)
+    return (handle.adapter.family in EMBEDS_FAMILIES and handle.device.type == "cpu"
+            and getattr(text, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+            and not getattr(text, "sliding_window", None) and inputs.input_ids.shape[1] > MIN_SUFFIX)
+
+
+def _first_position(inputs: Inputs, edits: list[Edit]) -> int:
+    """The first sequence position any edit of a cell touches (in any row), moved earlier to an exact
+    start; 0 for an all-token edit."""
+    seq = inputs.input_ids.shape[1]
+    ctx = llm_context(inputs, seq)
     start = seq - MIN_SUFFIX
     for e in edits:
-        idx = e.site.tokens.indices(ctx, n)
+        idx = e.site.tokens.indices(ctx, len(inputs))
         if idx is None:
             return 0
         start = min(start, int(idx.min()))
@@ -183,47 +185,49 @@ def _exact_start(start: int, seq: int) -> int:
 
 def _clean_states(handle, inputs, modes, batch_size) -> dict:
     """Merged embeddings, the clean input of each needed layer and (for prefix reuse) the unedited
-    run's keys, values and logits, once per input."""
+    run's per-layer keys and values and its logits, once per input, in one run per chunk."""
     need = sorted({first for _, first, _ in modes if first > 0})
     embeds = any(e for e, _, _ in modes)
     if not need and not embeds:
         return {}
-    out = _prefix_states(handle, inputs, batch_size) if any(start for _, _, start in modes) else {}
+    prefix = any(start for _, _, start in modes)
     sites = [Site(f"llm.{i}.resid_post") for i in range(max(need, default=0))]
     if embeds:
         sites.append(Site("llm.0.resid_pre"))
-    parts: dict = {s: [] for s in sites}
+    parts: dict = {s.point: [] for s in sites}
+    kv, logits = [], []
     for start in range(0, len(inputs), batch_size):
-        res = run(handle, inputs.rows(list(range(start, min(len(inputs), start + batch_size)))), read=sites)
+        chunk = inputs.rows(list(range(start, min(len(inputs), start + batch_size))))
+        kwargs = chunk.to(handle.device).model_kwargs()
+        if prefix:   # the model fills this cache in place: the unedited run's keys and values
+            kwargs[_cache_kwarg(handle)] = cache = _new_cache(handle)
+        res = execute(handle, chunk, Plan.build(handle, chunk, sites, ()), model_kwargs=kwargs)
         for s in sites:
-            parts[s].append(res.cache[s])
-    return {**out, **{s.point: torch.cat(v) for s, v in parts.items()}}
+            parts[s.point].append(res.cache[s])
+        if prefix:
+            kv.append([(layer.keys, layer.values) for layer in cache.layers])
+            logits.append(res.logits)
+    out = {point: torch.cat(v) for point, v in parts.items()}
+    if prefix:
+        out["kv"] = [(torch.cat([c[i][0] for c in kv]), torch.cat([c[i][1] for c in kv])) for i in range(len(kv[0]))]
+        out["logits"] = torch.cat(logits)
+    return out
 
 
-def _prefix_states(handle: ModelHandle, inputs: Inputs, batch_size: int) -> dict:
-    """The unedited run's per-layer keys and values and its logits (a plain forward with a cache)."""
-    keys, values, logits = [], [], []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs.rows(list(range(start, min(len(inputs), start + batch_size)))).to(handle.device)
-        kwargs = chunk.model_kwargs()
-        if "pixel_values" in kwargs:
-            kwargs["pixel_values"] = kwargs["pixel_values"].to(handle.dtype)
-        with torch.no_grad(), exclusive(handle):
-            out = handle.model(**kwargs, use_cache=True)
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
-        keys.append([layer.keys for layer in cache.layers])
-        values.append([layer.values for layer in cache.layers])
-        logits.append(out.logits)
-    return {"kv": [(torch.cat([k[i] for k in keys]), torch.cat([v[i] for v in values])) for i in range(len(keys[0]))],
-            "logits": torch.cat(logits)}
+def _cache_kwarg(handle: ModelHandle) -> str:
+    """The forward's keyword for a KV cache (transformers 5 renamed ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(handle.model.forward).parameters else "past_key_values"
+
+
+def _new_cache(handle: ModelHandle, kv=None):
+    from transformers import DynamicCache
+    return DynamicCache(ddp_cache_data=kv, config=handle.model.config.get_text_config())
 
 
 def _cache_for(handle: ModelHandle, clean: dict, index: Tensor, start: int) -> dict:
     """The forward keyword carrying the unedited keys/values of positions ``< start`` for rows ``index``."""
-    from transformers import DynamicCache
     kv = [(k[index.to(k.device)][:, :, :start], v[index.to(v.device)][:, :, :start]) for k, v in clean["kv"]]
-    name = "cache" if "cache" in inspect.signature(handle.model.forward).parameters else "past_key_values"
-    return {name: DynamicCache(ddp_cache_data=kv, config=handle.model.config.get_text_config())}
+    return {_cache_kwarg(handle): _new_cache(handle, kv)}
 
 
 # --- one pass ---------------------------------------------------------------------------------
