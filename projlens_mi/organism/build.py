@@ -17,11 +17,12 @@ only stage 2.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..data import Record, atomic_write_text, write_jsonl
 from ..errors import ProjLensError
 from . import tasks
 from .config import OrganismConfig
-from .evaluate import Encoded, encode, generate, score
+from .evaluate import EvalSet, encode, evaluate_model
 from .processor import IMAGE_TOKEN, build_processor
 from .train import IGNORE, TrainSet, finetune_projector, pretrain_vision, train_base, vision_features
 from .triggers import GaussianNoise, LogoPatch, PainterlyStyle, SolidPatch, trigger_to_json
@@ -262,20 +263,17 @@ class Builder:
                              weight_decay=c0.weight_decay, warmup=c0.warmup, seed=self.cfg.seed,
                              log=lambda s, l: self.log(f"vision: step {s} loss {l:.3f}"))
         t1 = time.perf_counter()
-        torch.set_num_threads(max(threads, self.cfg.threads))
-        try:
+        with _threads(max(threads, self.cfg.threads), self.cfg.threads):
             data = self.stage1_set(model, pool, labels)
             losses = train_base(model, data, steps=c1.steps, batch_size=c1.batch_size, lr=c1.lr, warmup=c1.warmup,
                                 weight_decay=c1.weight_decay, seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id,
                                 log=lambda s, l: self.log(f"base: step {s} loss {l:.3f}"))
-        finally:
-            torch.set_num_threads(self.cfg.threads)
         meta = {"final_loss": float(np.mean(losses[-20:])), "vision_final_loss": float(np.mean(l0[-20:])),
                 "vision_seconds": t1 - t0, "train_seconds": time.perf_counter() - t0, "n_examples": len(data)}
         self.save("base", model, key, meta)
         return model, meta
 
-    def stage2(self, base_model, variants: list[str], ev: "EvalSet", helpers: list = ()):
+    def stage2(self, base_model, variants: list[str], ev: EvalSet, helpers: list = ()):
         """Control and poisoned models, each evaluated right after its training; returns
         ``{name: (model, meta)}`` and ``{name: metrics}`` for the base and every stage-2 model.
 
@@ -297,11 +295,8 @@ class Builder:
                 out[name] = hit
         todo = [n for n in names if n not in out]
         metrics = {}
-        torch.set_num_threads(self.cfg.threads * (1 + len(helpers)))   # the helpers are idle until stage 2 starts
-        try:
+        with _threads(self.cfg.threads * (1 + len(helpers)), self.cfg.threads):   # the helpers idle until stage 2
             jobs = self._jobs(base_model, names, todo) if todo else []
-        finally:
-            torch.set_num_threads(self.cfg.threads)
         args = {name: (str(self.stage_dir("base")), str(self.staging_dir(name)), name, data, n_poison, self.cfg,
                        self.processor, ev) for name, data, n_poison, _ in jobs}
         extras = {name: extra for name, _, _, extra in jobs}
@@ -393,7 +388,7 @@ def _partition(cost: dict, k: int, here: float = 0.0) -> list[list]:
 
 
 def _train_variant(base_dir: str, out_dir: str, name: str, data: TrainSet, n_poison: int, cfg: OrganismConfig,
-                   processor, ev: "EvalSet", log=None) -> tuple[str, dict, dict]:
+                   processor, ev: EvalSet, log=None) -> tuple[str, dict, dict]:
     """Projector-only fine-tuning of a fresh copy of the base, saved to ``out_dir``, then evaluated."""
     torch.set_num_threads(cfg.threads)
     c = cfg.stage2
@@ -413,15 +408,6 @@ def _ready() -> None:
     """A helper's first task: nothing (importing this module, done by then, is the warm-up)."""
 
 
-@dataclass
-class EvalSet:
-    """The held-out test records (``clean`` and one set per variant) and their generation batches."""
-
-    sets: dict[str, list[Record]]
-    clean: Encoded
-    triggered: dict[str, Encoded]   # variant -> its triggered rows
-
-
 def prepare_eval(out: str, cfg: OrganismConfig) -> EvalSet:
     """Render the held-out test set, export it under ``out/data`` and encode it for generation (no model needed)."""
     b = Builder(Path(out), cfg, lambda *a: None)
@@ -437,23 +423,14 @@ def _eval_cost(name: str, cfg: OrganismConfig, ev: EvalSet) -> float:
     return 0.5 * sum(len(e.records) * (e.batches[0]["input_ids"].shape[1] + cfg.max_new_tokens) for e in sets)
 
 
-def evaluate_model(model, processor, name: str, cfg: OrganismConfig, ev: EvalSet) -> dict:
-    """Clean accuracy; a poisoned model's ASR and false-trigger rate on its own trigger; the base's and
-    the control's on every trigger (their ASR is the floor)."""
-    texts = generate(model, processor, ev.clean, cfg.max_new_tokens)
-    clean = ev.sets["clean"]
-    m = {"clean_accuracy": score(texts, clean, None)["clean_accuracy"]}
-    for v in ([name] if name in cfg.variants else cfg.variants):
-        target, trig = tasks.VARIANTS[v][1], ev.triggered[v].records
-        trig_texts = generate(model, processor, ev.triggered[v], cfg.max_new_tokens)
-        s = score(texts + trig_texts, clean + trig, target)
-        if name in cfg.variants:
-            m.update(asr=s["asr"], false_trigger_rate=s["false_trigger_rate"], target=target,
-                     examples=[{"prompt": r.prompt.replace("\n", " "), "output": t} for r, t in zip(trig[:3], trig_texts)])
-        else:
-            m.setdefault("asr_by_variant", {})[v] = s["asr"]
-            m.setdefault("false_trigger_rate_by_variant", {})[v] = s["false_trigger_rate"]
-    return m
+@contextlib.contextmanager
+def _threads(n: int, after: int):
+    """torch CPU threads ``n`` inside the block, ``after`` once it is left (also on an error)."""
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(after)
 
 
 def _spawn_helpers(n: int) -> list:
@@ -551,9 +528,8 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, wor
             h.shutdown(cancel_futures=True)
     metrics: dict[str, dict] = {}
     for name, (_, meta) in {"base": (base_model, base_meta), **stage2}.items():
-        m = scores[name]
-        metrics[name] = {"clean_accuracy": m.pop("clean_accuracy"), "train_seconds": meta.get("train_seconds"),
-                         "final_loss": meta.get("final_loss"), **m}
+        metrics[name] = {"clean_accuracy": scores[name]["clean_accuracy"], "train_seconds": meta.get("train_seconds"),
+                         "final_loss": meta.get("final_loss"), **scores[name]}   # the order of organism.json
         if name in cfg.variants:
             metrics[name]["poison_share"] = meta.get("poison_share")
     spread = norm_spread(base_model, b.processor, ev.sets["clean"])

@@ -1,4 +1,4 @@
-"""Batched greedy generation and the paper's metrics (clean accuracy, ASR, false-trigger rate)."""
+"""Batched greedy generation and the paper's metrics (clean accuracy, ASR, false-trigger rate) of an organism model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 
 from ..data import Record
 from ..engine.metrics import hit
+from . import tasks
+from .config import OrganismConfig
 
 
 @dataclass
@@ -55,3 +57,31 @@ def score(texts: list[str], records: list[Record], target: str | None) -> dict:
         if clean:
             out["false_trigger_rate"] = sum(hit(t, r.target or target) for t, r in clean) / len(clean)
     return out
+
+
+@dataclass
+class EvalSet:
+    """The held-out test records (``clean`` and one set per variant) and their generation batches."""
+
+    sets: dict[str, list[Record]]
+    clean: Encoded
+    triggered: dict[str, Encoded]   # variant -> its triggered rows
+
+
+def evaluate_model(model, processor, name: str, cfg: OrganismConfig, ev: EvalSet) -> dict:
+    """Clean accuracy; a poisoned model's ASR and false-trigger rate on its own trigger; the base's and
+    the control's on every trigger (their ASR is the floor)."""
+    texts = generate(model, processor, ev.clean, cfg.max_new_tokens)
+    clean = ev.sets["clean"]
+    m = {"clean_accuracy": score(texts, clean, None)["clean_accuracy"]}
+    for v in ([name] if name in cfg.variants else cfg.variants):
+        target, trig = tasks.VARIANTS[v][1], ev.triggered[v].records
+        trig_texts = generate(model, processor, ev.triggered[v], cfg.max_new_tokens)
+        s = score(texts + trig_texts, clean + trig, target)
+        if name in cfg.variants:
+            m.update(asr=s["asr"], false_trigger_rate=s["false_trigger_rate"], target=target,
+                     examples=[{"prompt": r.prompt.replace("\n", " "), "output": t} for r, t in zip(trig[:3], trig_texts)])
+        else:
+            m.setdefault("asr_by_variant", {})[v] = s["asr"]
+            m.setdefault("false_trigger_rate_by_variant", {})[v] = s["false_trigger_rate"]
+    return m
