@@ -275,7 +275,7 @@ class Builder:
 
     def stage2(self, base_model, variants: list[str], ev: EvalSet, helpers: list = ()):
         """Control and poisoned models, each evaluated right after its training; returns
-        ``{name: (model, meta)}`` and ``{name: metrics}`` for the base and every stage-2 model.
+        ``{name: meta}`` for every stage-2 model and ``{name: metrics}`` for the base and every stage-2 model.
 
         Every model's data (poisoned rows, trigger seeds) is drawn here, in a fixed order over all
         models whether cached or not, so a model's data never depends on which others were cached.
@@ -283,7 +283,7 @@ class Builder:
         single-process pools), split so that each gets about the same work: the weights and metrics
         are the same bit for bit whichever process produced them.
         """
-        out, c = {}, self.cfg.stage2
+        hits, c = {}, self.cfg.stage2   # the models found in the cache: name -> (model, meta)
         base_key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1")
         names = ["control"] + variants
         keys = {name: f"{base_key}-{self.cfg.key('stage2', 'noise_sigma', 'patch_size_px', 'logo_size_px')}-{name}"
@@ -292,9 +292,9 @@ class Builder:
             hit = self.cached(name, keys[name])
             if hit:
                 self.log(f"{name}: cached")
-                out[name] = hit
-        todo = [n for n in names if n not in out]
-        metrics = {}
+                hits[name] = hit
+        todo = [n for n in names if n not in hits]
+        metrics, metas = {}, {}
         with _threads(self.cfg.threads * (1 + len(helpers)), self.cfg.threads):   # the helpers idle until stage 2
             jobs = self._jobs(base_model, names, todo) if todo else []
         args = {name: (str(self.stage_dir("base")), str(self.staging_dir(name)), name, data, n_poison, self.cfg,
@@ -303,7 +303,7 @@ class Builder:
         # work estimates (token passes): training ~ tokens x epochs; generating ~ half as dear per token
         cost = {name: c.epochs * sum(map(len, data.input_ids)) + _eval_cost(name, self.cfg, ev)
                 for name, data, _, _ in jobs}
-        here = _eval_cost("base", self.cfg, ev) + sum(_eval_cost(n, self.cfg, ev) for n in out)
+        here = _eval_cost("base", self.cfg, ev) + sum(_eval_cost(n, self.cfg, ev) for n in hits)
         bins = _partition(cost, 1 + len(helpers), here)
         if len(helpers) and jobs:
             self.log(f"stage 2: training {len(jobs)} models in {sum(1 for b in bins if b)} processes")
@@ -312,18 +312,19 @@ class Builder:
         def done(name, meta, m):
             self.log(f"{name}: trained in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.3f}")
             self.commit(name, keys[name], meta, extras[name])   # the weights already lie in the staging folder
-            out[name] = self.cached(name, keys[name])
+            metas[name] = meta
             metrics[name] = m
 
         metrics["base"] = evaluate_model(base_model, self.processor, "base", self.cfg, ev)
-        for name in [n for n in names if n in out]:
-            metrics[name] = evaluate_model(out[name][0], self.processor, name, self.cfg, ev)
+        for name, (model, meta) in hits.items():
+            metas[name] = meta
+            metrics[name] = evaluate_model(model, self.processor, name, self.cfg, ev)
         for name in bins[0]:
             done(*_train_variant(*args[name], log=self.log))
         from concurrent.futures import as_completed
         for f in as_completed(futures):
             done(*f.result())
-        return {n: out[n] for n in names}, metrics
+        return {n: metas[n] for n in names}, metrics
 
     def _jobs(self, base_model, names: list[str], todo: list[str]) -> list:
         """(name, TrainSet, number of poisoned rows, extra JSON files) for each model in ``todo``."""
@@ -527,7 +528,7 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, wor
         for h in helpers:
             h.shutdown(cancel_futures=True)
     metrics: dict[str, dict] = {}
-    for name, (_, meta) in {"base": (base_model, base_meta), **stage2}.items():
+    for name, meta in {"base": base_meta, **stage2}.items():
         metrics[name] = {"clean_accuracy": scores[name]["clean_accuracy"], "train_seconds": meta.get("train_seconds"),
                          "final_loss": meta.get("final_loss"), **scores[name]}   # the order of organism.json
         if name in cfg.variants:
