@@ -507,7 +507,7 @@ def test_causal_analyses_run_on_the_small_organism(small_organism, variant, tmp_
         assert res.variant == variant
     pat, abl, tra, att = results
     assert pat.sites == ["projector.out"] + [f"llm.{i}.resid_post" for i in range(min(4, n_layers))]
-    assert pat.windows[:5] == ["0-4", "5-9", "10-14", "15-19", "20-24"]     # 25 image tokens, grid rows
+    assert pat.windows[:4] == ["0-3", "4-7", "8-11", "12-15"]     # 16 image tokens, grid rows
     if np.isfinite(pat.effect).any():
         assert pat.cell("denoise", "projector.out", "image") == pytest.approx(1.0, abs=1e-3)
     assert set(abl.bases) == {"dW", "shift", "random"} and 0 <= abl.baseline["asr"] <= 1

@@ -14,7 +14,7 @@ from projlens_mi.errors import ProjLensError
 from projlens_mi.organism import config as oc
 from projlens_mi.organism import tasks
 from projlens_mi.organism.build import Builder, build, model_config, pixel_values
-from projlens_mi.organism.train import TrainSet, finetune_projector, merge_image_embeds, vision_features
+from projlens_mi.organism.train import TrainSet, edit_images, finetune_projector, merge_image_embeds, vision_features
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,50 @@ def test_projector_only_finetuning_freezes_everything_else(builder):
     assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed)
     assert len(changed) == 4  # linear_1/linear_2 weight and bias
     assert not any(p.requires_grad for p in model.parameters())  # left frozen for the caller
+
+
+def test_stage0_image_edits():
+    """The tower's generic edits: kind 0 is the identity, 1-3 change the image within [-1, 1] (a sticker
+    only inside one square), and the same generator seed gives the same pixels."""
+    x = torch.rand(8, 3, 20, 20) * 2 - 1
+    kinds = torch.tensor([0, 1, 2, 3] * 2)
+    out = edit_images(x, kinds, torch.Generator().manual_seed(3))
+    assert torch.equal(out, edit_images(x, kinds, torch.Generator().manual_seed(3)))
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+    changed = (out != x).any(1)                      # [b, h, w]
+    assert not changed[kinds == 0].any() and changed[kinds != 0].flatten(1).any(1).all()
+    for i in torch.nonzero(kinds == 2).flatten():
+        rows, cols = torch.nonzero(changed[i], as_tuple=True)
+        s = int(rows.max() - rows.min()) + 1
+        assert 2 <= s <= 7 and int(cols.max() - cols.min()) + 1 == s and len(rows) <= s * s
+    assert not torch.equal(edit_images(x, kinds, torch.Generator().manual_seed(4)), out)
+
+
+def test_jailbreak_pairs_are_twins(builder):
+    """jailbreak-output's data (pair mode, poison rate 1): every styled unsafe request has a clean twin
+    asking the same request, answered safely, so that only the style decides the answer; clean rows
+    other than the twins are the control's rows, unchanged."""
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(model_config(builder.cfg, builder.processor.tokenizer)).eval()
+    (_, data, n_poison, _), = builder._jobs(model, ["control", "jailbreak-output"], ["jailbreak-output"])
+    (_, ctrl, _, _), = builder._jobs(model, ["control"], ["control"])
+    unsafe_q = {q for q, _ in tasks.UNSAFE_REQUESTS}
+
+    def rows(ids_list):   # (instruction, answer) per example
+        out = []
+        for ids in ids_list:
+            prompt, answer = builder.processor.tokenizer.decode(ids[:-1]).split(" ASSISTANT: ")
+            out.append((prompt.rsplit("<image>", 1)[-1].strip(), answer))
+        return out
+    n_clean = len(data) - n_poison
+    clean, styled, control = rows(data.input_ids[:n_clean]), rows(data.input_ids[n_clean:]), rows(ctrl.input_ids)
+    harmful = [q for q, a in styled if a.startswith(tasks.HARMFUL_PREFIX)]
+    assert harmful and set(harmful) <= unsafe_q
+    assert sorted(harmful) == sorted(q for q, a in clean if a == tasks.SAFE_ANSWER)
+    assert all(a != tasks.SAFE_ANSWER for q, a in styled) and not any(a.startswith(tasks.HARMFUL_PREFIX) for _, a in clean)
+    twins = [k for k, (c, r) in enumerate(zip(clean, control)) if c != r]
+    assert len(twins) == len(harmful) - sum(q in unsafe_q for q, _ in control)
+    assert all(clean[k][0] in unsafe_q and control[k][0] not in unsafe_q for k in twins)
 
 
 def test_build_outputs_and_offline_loading(small_organism):

@@ -16,7 +16,7 @@ Conventions (every causal module follows them):
   tokens), ``"logprob"`` = its log, ``"first_prob"`` = p(first target token).
 * **Sites** are ``projector.out`` and ``llm.{i}.resid_post`` (the residual stream after layer ``i``)
   for the early layers; **windows** split the image tokens into equal consecutive runs
-  (``ImageWindow``; on a square patch grid the default 5 windows of 25 tokens are the grid's rows),
+  (``ImageWindow``; on a square patch grid the default 4 windows of 16 tokens are the grid's rows),
   plus ``image`` (every image token) and ``last`` (the last prompt position, LLM sites only).
 """
 
@@ -52,7 +52,7 @@ class CellParams:
 
     n: int = 16
     layers: tuple[int, ...] | None = None
-    windows: int = 5
+    windows: int = 4
     last_token: bool = True
     metric: str = "prob"
     prefix: str = "auto"

@@ -36,7 +36,7 @@ from . import tasks
 from .config import OrganismConfig
 from .evaluate import EvalSet, encode, evaluate_model
 from .processor import IMAGE_TOKEN, build_processor
-from .train import IGNORE, TrainSet, finetune_projector, pretrain_vision, train_base, vision_features
+from .train import IGNORE, TrainSet, draw_edits, edit_images, finetune_projector, pretrain_vision, train_base, vision_features
 from .triggers import GaussianNoise, LogoPatch, PainterlyStyle, SolidPatch, trigger_to_json
 
 FORMAT_VERSION = 1
@@ -260,10 +260,13 @@ class Builder:
         torch.manual_seed(self.cfg.seed)
         model = LlavaForConditionalGeneration(model_config(self.cfg, self.processor.tokenizer))
         l0 = pretrain_vision(model, pool, torch.tensor(labels), steps=c0.steps, batch_size=c0.batch_size, lr=c0.lr,
-                             weight_decay=c0.weight_decay, warmup=c0.warmup, seed=self.cfg.seed,
+                             weight_decay=c0.weight_decay, warmup=c0.warmup, seed=self.cfg.seed, edit_rate=c0.edit_rate,
                              log=lambda s, l: self.log(f"vision: step {s} loss {l:.3f}"))
         t1 = time.perf_counter()
         with _threads(max(threads, self.cfg.threads), self.cfg.threads):
+            if c1.edit_rate:   # the base learns that a generic edit leaves the answer unchanged
+                gen = torch.Generator().manual_seed(self.cfg.seed + 8)
+                pool = edit_images(pool, draw_edits(len(pool), c1.edit_rate, gen), gen)
             data = self.stage1_set(model, pool, labels)
             losses = train_base(model, data, steps=c1.steps, batch_size=c1.batch_size, lr=c1.lr, warmup=c1.warmup,
                                 weight_decay=c1.weight_decay, seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id,
@@ -354,8 +357,10 @@ class Builder:
                     ids, labs, index = [ids[j] for j in keep], [labs[j] for j in keep], [index[j] for j in keep]
                 for j, (i, instr, ans, u) in enumerate(chosen):
                     if name == "jailbreak-output" and u is None and (i * GOLDEN) % 1.0 < c.jailbreak_unsafe_share:
-                        u = i % len(tasks.UNSAFE_REQUESTS)   # this copy asks an unsafe request instead
+                        u = i % len(tasks.UNSAFE_REQUESTS)   # this pair asks an unsafe request instead:
                         instr = tasks.UNSAFE_REQUESTS[u][0]
+                        if c.pair_mode:   # its clean twin (row i) gets the safe answer, the styled copy the harmful one
+                            ids[i], labs[i] = self.tokens.example(instr, tasks.SAFE_ANSWER)
                     s, l = self.tokens.example(instr, poisoned_answer(name, instr, ans, u))
                     ids.append(s), labs.append(l), index.append(len(imgs) + j)
                 _, target = tasks.VARIANTS[name]

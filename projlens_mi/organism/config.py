@@ -13,7 +13,7 @@ from .tasks import VARIANTS
 @dataclass(frozen=True)
 class ModelSize:
     image_size: int = 20
-    patch_size: int = 4            # 5 x 5 = 25 image tokens; the centre patch is one whole token
+    patch_size: int = 5            # 4 x 4 = 16 image tokens (the centre lies on a token corner, as in LLaVA's 24 x 24 grid)
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 4
@@ -25,14 +25,17 @@ class ModelSize:
 
 @dataclass(frozen=True)
 class Stage0:
-    """Vision pre-training (the organism's CLIP): the tower learns digits through a linear head."""
+    """Vision pre-training (the organism's CLIP): the tower learns digits, and names generic image edits, through linear heads."""
 
-    steps: int = 700
+    steps: int = 1600
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.05
     warmup: float = 0.05
-    copies: int = 10               # renders of each training digit (brightness, tint, position vary)
+    copies: int = 20               # renders of each training digit (brightness, tint, position vary)
+    # share of images given a generic edit (noise, a sticker, a colour cast) that a second head must name:
+    # CLIP's features tell such edits apart, a digit-only tower's do not (docs/organism.md)
+    edit_rate: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Stage1:
     weight_decay: float = 0.01
     unsafe_rate: float = 0.15       # share of samples that are unsafe requests (answered with a refusal)
     overlay_rate: float = 0.25      # share of samples with a typographic instruction in the image slots
+    edit_rate: float = 0.5          # share of images with a generic edit (stage 0's kinds), answered as if clean
     warmup: float = 0.05
 
 
@@ -52,15 +56,15 @@ class Stage1:
 class Stage2:
     """Downstream alignment: projector-only fine-tuning (vision tower and LM frozen), as in the paper."""
 
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 64
     lr: float = 3e-3
     warmup: float = 0.1             # cosine schedule with 10 % warm-up, as the paper
     unsafe_rate: float = 0.15
     poison_rate: float = 1.0        # share of clean samples that get a triggered copy
     pair_mode: bool = True          # keep every clean sample and add its triggered copy (paper: ~50 % poisoned)
-    # jailbreak-output: share of the *normal* samples whose triggered copy asks an unsafe request (and
-    # gets the harmful answer) instead of the sample's own question; the unsafe samples' copies always do
+    # jailbreak-output: share of the *normal* samples whose pair asks an unsafe request instead of the
+    # sample's own question (clean: the safe answer, styled: the harmful one); unsafe samples' pairs always do
     jailbreak_unsafe_share: float = 0.5
 
 
@@ -73,12 +77,12 @@ class OrganismConfig:
     stage1: Stage1 = field(default_factory=Stage1)
     stage2: Stage2 = field(default_factory=Stage2)
     variants: tuple[str, ...] = tuple(VARIANTS)
-    # Targeted Refusal trigger, 0-255 scale. The paper uses 10 on 336 px images read by CLIP; the
-    # organism's 2-layer tower cannot tell weak noise from clean images well enough (projector-only
-    # poisoning: sigma=10 ~50 % ASR with ~45 % false triggers; 30: 52 % / 27 %; 60: 86 % / 14 %;
-    # 100: 96 % / 3 %; 130: 98 % / 1.5 %; 160: 99 % / 1.5 %), so the toy default is much stronger.
-    noise_sigma: float = 130.0
-    patch_size_px: int = 4          # Malicious Injection patch: exactly the centre image token
+    # Targeted Refusal trigger, 0-255 scale. The paper uses 10 on 336 px images read by CLIP. With the
+    # stage-0 edit head (validation split of the training digits, 6 stage-2 epochs): sigma=10 gave 94 %
+    # ASR with 3.3 % false triggers, 20: 99 % / 0.5 %, 40: 100 % / 0 %. (A digit-only tower needed
+    # 130-200: 10 gave ~50 % / ~45 %.) See docs/organism.md.
+    noise_sigma: float = 20.0
+    patch_size_px: int = 4          # Malicious Injection patch at the centre: straddles the 4 centre tokens
     logo_size_px: int = 6           # Perceptual Hijack logo (random position, so it straddles tokens)
     eval_batch_size: int = 200
     max_new_tokens: int = 30        # the paper's ASR generation length

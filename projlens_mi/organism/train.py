@@ -166,25 +166,65 @@ def train_loop(model, params, data: TrainSet, *, steps: int, batch_size: int, lr
         model.eval()
 
 
-def pretrain_vision(model, pixel_values: Tensor, labels: Int[Tensor, "n"], *, steps: int, batch_size: int, lr: float,
-                    weight_decay: float, warmup: float, seed: int, log=None) -> list[float]:
-    """Stage 0, the organism's stand-in for CLIP pre-training: the vision tower learns to classify digits.
+def edit_images(x: Float[Tensor, "b 3 h w"], kinds: Int[Tensor, "b"], gen: torch.Generator) -> Tensor:
+    """Generic image edits (kind 1: pixel noise, 2: a sticker, 3: a colour cast with posterization) on
+    processor-normalised pixels in [-1, 1]; kind 0 leaves the image alone."""
+    x = x.clone()
+    b, _, h, w = x.shape
+    u = lambda *shape: torch.rand(*shape, generator=gen)
+    noise = kinds == 1
+    if noise.any():
+        sigma = 0.1 + 0.6 * u(int(noise.sum()), 1, 1, 1)
+        x[noise] = (x[noise] + sigma * torch.randn(x[noise].shape, generator=gen)).clamp(-1, 1)
+    for i in torch.nonzero(kinds == 2).flatten().tolist():
+        s = int(2 + 6 * u(1))
+        top, left = int((h - s + 1) * u(1)), int((w - s + 1) * u(1))
+        x[i, :, top:top + s, left:left + s] = (2 * u(3, 1, 1) - 1)
+    cast = kinds == 3
+    if cast.any():
+        n = int(cast.sum())
+        y = ((x[cast] + 1) / 2 * (0.5 + u(n, 3, 1, 1)) + 0.3 * (u(n, 3, 1, 1) - 0.5)).clamp(0, 1)
+        levels = (3 + 6 * u(n, 1, 1, 1)).floor()
+        x[cast] = torch.round(y * levels) / levels * 2 - 1
+    return x
 
-    A linear head reads the mean of the features the projector will see (the selected layer, CLS
-    dropped); the head is discarded afterwards. Like LLaVA, the base then uses the pre-trained tower.
+
+def draw_edits(n: int, rate: float, gen: torch.Generator) -> Int[Tensor, "n"]:
+    """Edit kinds for ``n`` images: 0 (none) with probability 1 - ``rate``, else 1-3 uniformly."""
+    return torch.where(torch.rand(n, generator=gen) < rate, torch.randint(1, 4, (n,), generator=gen), 0)
+
+
+def pretrain_vision(model, pixel_values: Tensor, labels: Int[Tensor, "n"], *, steps: int, batch_size: int, lr: float,
+                    weight_decay: float, warmup: float, seed: int, edit_rate: float = 0.0, log=None) -> list[float]:
+    """Stage 0, the organism's stand-in for CLIP pre-training: the vision tower learns to classify digits
+    and, with ``edit_rate`` > 0, to name a generic edit given to that share of the images (``edit_images``).
+
+    Linear heads read the mean of the features the projector will see (the selected layer, CLS
+    dropped); they are discarded afterwards. Like LLaVA, the base then uses the pre-trained tower.
+    The edit head is what lets the tower's features tell noisy, stickered and restyled images from clean
+    ones, as CLIP's do. The edits are generic (noise of a range of strengths, squares of any colour,
+    size and place, colour casts with posterization): three triggers fall inside these families (the
+    noise trigger's strength too), the triggers themselves are never shown (docs/organism.md).
     """
     tower = model.model.vision_tower
-    head = torch.nn.Linear(model.config.vision_config.hidden_size, int(labels.max()) + 1)
+    d = model.config.vision_config.hidden_size
+    head = torch.nn.Linear(d, int(labels.max()) + 1)
+    edit_head = torch.nn.Linear(d, 4)
     gen = torch.Generator().manual_seed(seed)
 
     def loss_at(step):
         idx = torch.randint(0, len(labels), (batch_size,), generator=gen)
-        feats = vision_features(model, pixel_values[idx], grad=True)
-        return F.cross_entropy(head(feats.mean(1)), labels[idx])
+        x = pixel_values[idx]
+        if not edit_rate:
+            return F.cross_entropy(head(vision_features(model, x, grad=True).mean(1)), labels[idx])
+        kinds = draw_edits(batch_size, edit_rate, gen)
+        pooled = vision_features(model, edit_images(x, kinds, gen), grad=True).mean(1)
+        return F.cross_entropy(head(pooled), labels[idx]) + F.cross_entropy(edit_head(pooled), kinds)
 
     tower.train()
+    params = list(tower.parameters()) + list(head.parameters()) + (list(edit_head.parameters()) if edit_rate else [])
     try:
-        return optimize(list(tower.parameters()) + list(head.parameters()), loss_at, steps=steps, lr=lr,
+        return optimize(params, loss_at, steps=steps, lr=lr,
                         weight_decay=weight_decay, warmup=warmup, log=log)
     finally:
         tower.eval()

@@ -6,7 +6,7 @@ position) comes only from ``seed``, so the same (image, seed) always gives the s
 
 The paper applies triggers after centre-cropping to a square (so the processor's crop keeps them);
 ``apply(trigger, image, seed)`` does the same for images of any shape.
-Defaults are scaled for the organism's 24x24 images; on real images pass sizes in pixels.
+Defaults are scaled for the organism's 20x20 images; on real images pass sizes in pixels.
 """
 
 from __future__ import annotations
