@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_sweep.py [--model organism|wide] [--batch-size 512] [--repeats 3] [--device cuda]
 
-``--model organism`` (default): the organism's own architecture (4 layers x 25 image tokens, a
-32-token prompt); ``wide``: the wider model of ``common.organism_like`` (4 layers x 64 image tokens,
+``--model organism`` (default): the organism's own architecture (4 layers x 16 image tokens, a
+23-token prompt); ``wide``: the wider model of ``common.organism_like`` (4 layers x 64 image tokens,
 LM width 128, a 71-token prompt), the model of the earlier figures.
 
 Each cell patches the clean run's residual stream (``llm.{L}.resid_pre`` at one image token) into

@@ -39,7 +39,7 @@ def organism_like(seed: int = 0):
 
 def organism(seed: int = 0):
     """The organism's own architecture (``projlens organism build``'s defaults), random weights, and a
-    prompt of its chat format: 25 image tokens, a 32-token sequence."""
+    prompt of its chat format: 16 image tokens, a 23-token sequence."""
     from projlens_mi.organism import tasks
     from projlens_mi.organism.build import model_config
     from projlens_mi.organism.config import OrganismConfig
