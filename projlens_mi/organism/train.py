@@ -215,11 +215,10 @@ def pretrain_vision(model, pixel_values: Tensor, labels: Int[Tensor, "n"], *, st
     def loss_at(step):
         idx = torch.randint(0, len(labels), (batch_size,), generator=gen)
         x = pixel_values[idx]
-        if not edit_rate:
-            return F.cross_entropy(head(vision_features(model, x, grad=True).mean(1)), labels[idx])
-        kinds = draw_edits(batch_size, edit_rate, gen)
-        pooled = vision_features(model, edit_images(x, kinds, gen), grad=True).mean(1)
-        return F.cross_entropy(head(pooled), labels[idx]) + F.cross_entropy(edit_head(pooled), kinds)
+        kinds = draw_edits(batch_size, edit_rate, gen) if edit_rate else None
+        pooled = vision_features(model, x if kinds is None else edit_images(x, kinds, gen), grad=True).mean(1)
+        loss = F.cross_entropy(head(pooled), labels[idx])
+        return loss if kinds is None else loss + F.cross_entropy(edit_head(pooled), kinds)
 
     tower.train()
     params = list(tower.parameters()) + list(head.parameters()) + (list(edit_head.parameters()) if edit_rate else [])
