@@ -521,23 +521,35 @@ HEADLINE = {"spectrum": ["linear_2.poisoned.energy_at_30", "linear_2.poisoned.ef
             "attribution": ["spearman", "top_k_overlap"]}
 
 
-def _findings(metrics: dict) -> list[str]:
-    lines = ["## The paper's findings vs this study\n",
-             "Verdict rules (per pair): (1) rank-1 injection ASR ≤ 20 % of the FT model's and some injection of "
-             "rank ≤ 5 reaches ≥ 80 % of it; (2) corr(M_p, M_c) ≥ 0.98 and no quiescent-on-clean candidate unit; "
-             "(3) ΔE energy at k = 1 ≥ 0.5 and the norm fit's Pearson r ≥ 0.9, clean and triggered.\n"]
-    rows = []
+def findings_verdicts(metrics: dict) -> list[dict]:
+    """The findings table's verdicts: a pure function of a metrics.json dict (``projlens verify`` compares them).
+
+    One dict per finding: ``finding`` (the claim), ``analyses``, ``evidence`` (one text per pair),
+    ``pairs`` (the per-pair verdicts, True = reproduces, for the pairs that have the evidence) and
+    ``verdict`` (the table's cell).
+    """
     per = {p: e["analyses"] for p, e in metrics["pairs"].items()}
-    for (claim, names, _), evidence in zip(FINDINGS, EVIDENCE):
+    out = []
+    for i, ((claim, names, _), evidence) in enumerate(zip(FINDINGS, EVIDENCE)):
         texts, verdicts = evidence(per)
         if verdicts:
             k = sum(verdicts)
             verdict = ("reproduces" if k == len(verdicts) else "does not reproduce" if k == 0 else "mixed") + \
                       f" ({k}/{len(verdicts)} pairs)"
         else:
-            verdict = "no verdict (needs " + VERDICT_NEEDS[len(rows)] + ")"
-        ref = " ".join(PAPER_REFERENCE.get(n, "") for n in names)
-        rows.append([claim, ref, "<br>".join(texts), verdict])
+            verdict = "no verdict (needs " + VERDICT_NEEDS[i] + ")"
+        out.append({"finding": claim, "analyses": names, "evidence": texts, "pairs": [bool(v) for v in verdicts],
+                    "verdict": verdict})
+    return out
+
+
+def _findings(metrics: dict) -> list[str]:
+    lines = ["## The paper's findings vs this study\n",
+             "Verdict rules (per pair): (1) rank-1 injection ASR ≤ 20 % of the FT model's and some injection of "
+             "rank ≤ 5 reaches ≥ 80 % of it; (2) corr(M_p, M_c) ≥ 0.98 and no quiescent-on-clean candidate unit; "
+             "(3) ΔE energy at k = 1 ≥ 0.5 and the norm fit's Pearson r ≥ 0.9, clean and triggered.\n"]
+    rows = [[f["finding"], " ".join(PAPER_REFERENCE.get(n, "") for n in f["analyses"]), "<br>".join(f["evidence"]),
+             f["verdict"]] for f in findings_verdicts(metrics)]
     lines.append(_table(["finding", "paper (LLaVA-1.5-7B)", "this study", "verdict"], rows) + "\n")
     return lines
 
