@@ -240,3 +240,31 @@ def test_concurrent_runs_on_one_model_are_serialised(setup):
     finally:
         sys.setswitchinterval(old)
     assert errors == [] and bad == [], (errors[:3], bad[:3])
+
+
+def test_cache_by_point_name_resolves_the_one_site_read_there(setup):
+    """``cache["projector.out"]`` after a read of ``Site("projector.out", ImageTokens())`` (the README's
+    notebook snippet): the one site read at a point answers to its name; several are an error that names them."""
+    handle, model, inputs = setup
+    img = Site("projector.out", ImageTokens())
+    res = run(handle, inputs, read=[img, Site("llm.1.resid_post", LastToken())])
+    feats = own(model, inputs)[1]
+    assert torch.equal(res.cache["projector.out"], torch.stack(feats.pooler_output))   # the image tokens = all of them
+    assert res.cache["vision_projector.hook_out"] is res.cache[img]                     # TransformerLens alias
+    assert torch.equal(res.cache["llm.1.resid_post"], own(model, inputs)[0].hidden_states[2][:, -1:])
+    assert "projector.out" in res.cache and "llm.0.resid_post" not in res.cache and "bogus" not in res.cache
+    assert res.cache.get("llm.0.resid_post") is None
+    both = run(handle, inputs, read=[Site("llm.1.resid_post", LastToken()), Site("llm.1.resid_post", ImageTokens())])
+    with pytest.raises(ProjLensError, match=r"'llm.1.resid_post' is ambiguous: 2 sites were read at llm.1.resid_post "
+                                            r"\(Site\('llm.1.resid_post', LastToken\(\)\), "
+                                            r"Site\('llm.1.resid_post', ImageTokens\(\)\)\); index the cache") as e:
+        both.cache["llm.1.resid_post"]
+    assert "\n" not in str(e.value)
+    assert "llm.1.resid_post" not in both.cache
+    with_all = run(handle, inputs, read=["llm.1.resid_post", Site("llm.1.resid_post", LastToken())])
+    assert with_all.cache["llm.1.resid_post"].shape == own(model, inputs)[0].hidden_states[2].shape   # the all-token read wins
+    with pytest.raises(ProjLensError, match="was not read"):
+        res.cache[Site("projector.out")]   # a Site key is exact
+    # the README's snippet: patch the clean run with the triggered image tokens read by name
+    lp = run(handle, inputs, edits=[(img, Patch(source=res.cache["projector.out"]))]).logits
+    assert torch.equal(lp, res.logits)

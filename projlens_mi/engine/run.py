@@ -58,16 +58,44 @@ def as_edit(e) -> Edit:
 
 
 class Cache(dict):
-    """Site -> tensor. Also indexable by point name (``cache["llm.2.resid_post"]``) for all-token reads."""
+    """Site -> tensor. Also indexable by point name (``cache["projector.out"]``, TransformerLens
+    aliases too): the all-token read of that point if there is one, else the one site read at that
+    point (whatever its selector or basis); with several sites at the point a name is ambiguous and
+    the error lists the exact keys to use instead."""
+
+    def _resolve(self, key):
+        """The stored key that ``key`` names, or a one-line error."""
+        if isinstance(key, Site) and dict.__contains__(self, key):
+            return key
+        if not isinstance(key, (str, Site)):
+            raise ProjLensError(f"a cache is indexed by a Site or a site name like 'llm.2.resid_post', "
+                                f"got {type(key).__name__}")
+        if isinstance(key, str):
+            site = Site(key)
+            if dict.__contains__(self, site):
+                return site
+            at = [k for k in self if k.point == site.point]
+            if len(at) == 1:
+                return at[0]
+            if at:
+                raise ProjLensError(f"{key!r} is ambiguous: {len(at)} sites were read at {site.point} "
+                                    f"({', '.join(map(repr, at))}); index the cache with one of them")
+            key = site
+        have = ", ".join(repr(k) for k in self) or "nothing"
+        raise ProjLensError(f"{key!r} was not read in this run (read: {have}); add it to read=[...]")
 
     def __getitem__(self, key):
-        if isinstance(key, str):
-            key = Site(key)
+        return dict.__getitem__(self, self._resolve(key))
+
+    def __contains__(self, key):
         try:
-            return super().__getitem__(key)
-        except KeyError:
-            have = ", ".join(repr(k) for k in self) or "nothing"
-            raise ProjLensError(f"{key!r} was not read in this run (read: {have}); add it to read=[...]") from None
+            self._resolve(key)
+        except ProjLensError:
+            return False
+        return True
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
 
 
 @dataclass
