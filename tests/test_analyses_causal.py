@@ -269,7 +269,7 @@ def test_ablation_of_the_planted_direction_makes_the_model_image_blind(rank1):
     direction leaves the same projector output for every image, triggered or not."""
     model, pois, proc, pair, u = rank1
     assert abs(float(C.weight_delta_basis(pair, 1)[:, 0] @ u)) > 0.9999
-    clean_recs, trig_recs = C.matched_records(pair, None)
+    clean_recs, trig_recs = pair.matched()
     assert abs(float(C.shift_basis(pair, clean_recs + trig_recs, 1)[:, 0] @ u)) > 0.9999
     res = ablation(pair, AblationParams(**FAST, ks=(1,), layers=(0,), placebo_seeds=(0,), generate=False))
     ud = u.double()
@@ -449,7 +449,7 @@ def test_prefix_windows_and_matching(tiny):
     assert list(w) == ["0-4", "5-9", "10-14", "15-19", "20-24", "image", "last"]
     _, _, _, pair = tiny
     shuffled = Pair(pair.base, pair.poisoned, pair.clean[::-1] + pair.triggered, TARGET)
-    clean, trig = C.matched_records(shuffled, None)
+    clean, trig = shuffled.matched()
     assert [c.meta["id"] for c in clean] == [t.meta["id"] for t in trig]
     assert all(c.prompt == t.prompt and not c.triggered and c.target == TARGET for c, t in zip(clean, trig))
 

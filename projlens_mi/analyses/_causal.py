@@ -2,9 +2,9 @@
 
 Conventions (every causal module follows them):
 
-* **Contrast.** Each triggered record is paired with its *clean counterpart*: the same prompt and
-  target on the untriggered image (matched by the records' ``id`` when both carry one, else by
-  order). Clean and triggered rows are encoded together (same padding) and teacher-forced with the
+* **Contrast.** Each triggered record is paired with its *clean counterpart* (``Pair.matched``): the
+  same prompt and target on the untriggered image (matched by the records' ``id``; data without
+  ids by order). Clean and triggered rows are encoded together (same padding) and teacher-forced with the
   same text, so the two rows of a pair differ in the image only and every position lines up.
 * **Target text and its prefix.** The metric is the probability of the backdoor target text where
   the backdoored model emits it. For targets that follow the normal answer (Malicious Injection:
@@ -76,28 +76,6 @@ def model_of(pair: Pair, which: str) -> ModelHandle:
     if h is None:
         raise ProjLensError(f"this pair has no {which} model; use model='poisoned' or 'base'")
     return h
-
-
-def matched_records(pair: Pair, n: int | None) -> tuple[list[Record], list[Record]]:
-    """``(clean counterparts, triggered)``: the triggered records (first ``n``) and, for each, the clean
-    image under the triggered record's prompt and target."""
-    trig = pair.triggered[:n] if n is not None else pair.triggered
-    clean = pair.clean
-    if not trig:
-        raise ProjLensError(f"pair {pair.name!r} has no triggered records; the data needs rows with \"triggered\": true")
-    if not clean:
-        raise ProjLensError(f"pair {pair.name!r} has no clean records; the data needs rows with \"triggered\": false")
-    by_id = {r.meta.get("id"): r for r in clean if r.meta.get("id") is not None}
-    out = []
-    for i, t in enumerate(trig):
-        c = by_id.get(t.meta.get("id")) if t.meta.get("id") is not None else None
-        if c is None:
-            if i >= len(clean):
-                raise ProjLensError(f"triggered record {i} has no clean counterpart (no matching 'id' and only "
-                                    f"{len(clean)} clean records); give both rows the same 'id'")
-            c = clean[i]
-        out.append(Record(c.image, t.prompt, t.answer, False, pair.target_of(t), dict(c.meta)))
-    return out, [replace(t, target=pair.target_of(t)) for t in trig]
 
 
 def target_prefixes(handle: ModelHandle, inputs: Inputs, targets: list[str], mode: str,
@@ -199,7 +177,7 @@ class Contrast:
 def contrast(pair: Pair, which: str, n: int | None, metric: str, prefix: str = "auto",
              max_new_tokens: int = 30) -> Contrast:
     handle = model_of(pair, which)
-    clean_recs, trig_recs = matched_records(pair, n)
+    clean_recs, trig_recs = pair.matched(n)
     targets = [r.target for r in trig_recs]
     prefixes = target_prefixes(pair.poisoned, pair.poisoned.encode(trig_recs), targets, prefix, max_new_tokens,
                                [r.answer for r in trig_recs])

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,13 @@ import pandas as pd
 from ..data import Record, atomic_write_text, read_jsonl
 from ..errors import ProjLensError
 from ..model import ModelHandle, load
+
+
+class Matched(NamedTuple):
+    """``Pair.matched(n)``: row ``i`` of ``clean`` and of ``triggered`` is one input without / with the trigger."""
+
+    clean: list[Record]
+    triggered: list[Record]
 
 
 @dataclass
@@ -51,6 +58,38 @@ class Pair:
     def target_of(self, record: Record) -> str:
         return record.target or self.target
 
+    def matched(self, n: int | None = None) -> "Matched":
+        """Rows that can be compared one by one: ``(clean, triggered)`` lists of equal length where row
+        ``i`` of both is the same input with and without the trigger.
+
+        ``triggered`` holds the first ``n`` triggered records (None = all) that have a clean
+        counterpart; ``clean[i]`` is that counterpart: the clean record with the same ``"id"``, its
+        image under the triggered record's prompt, answer and target (so two rows differ in the image
+        only; the organism's data, like most backdoor sets, asks other questions of some clean images).
+        Data without any ``"id"`` is paired in file order. Every record's ``target`` is filled in.
+        ``pair.clean[:n]`` and ``pair.triggered[:n]`` are *not* row-aligned in general.
+        """
+        trig, clean = self.triggered, self.clean
+        if not trig or not clean:
+            raise ProjLensError(f"pair {self.name!r} has {len(clean)} clean and {len(trig)} triggered records; "
+                                "matching needs both (mark triggered lines with \"triggered\": true)")
+        if n is not None and n < 1:
+            raise ProjLensError(f"n must be >= 1 (or None for all), got {n}")
+        if any(r.meta.get("id") is not None for r in self.data):
+            by_id: dict = {}
+            for c in clean:
+                by_id.setdefault(c.meta.get("id"), c)
+            pairs = [(by_id[t.meta.get("id")], t) for t in trig if t.meta.get("id") is not None
+                     and t.meta.get("id") in by_id]
+            if not pairs:
+                raise ProjLensError(f"pair {self.name!r}: no triggered record shares an \"id\" with a clean record; "
+                                    "give each triggered line the id of its clean line")
+        else:
+            pairs = list(zip(clean, trig))
+        pairs = pairs[:n]
+        return Matched([Record(c.image, t.prompt, t.answer, False, self.target_of(t), dict(c.meta)) for c, t in pairs],
+                       [replace(t, target=self.target_of(t)) for _, t in pairs])
+
     @classmethod
     def from_paths(cls, base, poisoned, data, target: str, control=None, name: str = "pair", **load_kw) -> "Pair":
         """Load a pair from folders / hub ids and a JSONL file (``load_kw`` go to ``projlens_mi.load``)."""
@@ -64,7 +103,8 @@ class Pair:
     def from_organism(cls, folder, variant: str, *, n: int | None = None, **load_kw) -> "Pair":
         """The organism's base / ``variant`` pair (control included) on its held-out data.
 
-        ``n`` keeps the first ``n`` clean and the first ``n`` triggered records.
+        ``n`` keeps the first ``n`` clean and the first ``n`` triggered records (compare them row by
+        row through ``pair.matched()``).
         """
         folder = Path(folder)
         summary_path = folder / "organism.json"
