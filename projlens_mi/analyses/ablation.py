@@ -35,6 +35,9 @@ from ._causal import figure as _figure
 BASES = ("dW", "shift")
 STYLE = {"dW": "o-", "shift": "s--", "random": "^-"}   # distinct markers: curves often coincide
 
+PAPER = ("Not in the paper (this project's addition): subspace projection ablations vs random-subspace "
+         "placebos")
+
 
 @dataclass
 class AblationParams:
@@ -211,7 +214,8 @@ def ablation_cells(bases: dict, ks, points, seeds, d: int, residual_tokens: str)
     return cells
 
 
-@analysis("ablation", AblationParams)
+@analysis("ablation", AblationParams, title="Subspace projection ablation", paper=PAPER,
+          headline=("baseline.asr", "baseline.target"), passes=20.0)
 def ablation(pair: Pair, params: AblationParams = AblationParams()) -> AblationResult:
     """Remove the top-k ΔW / shared-shift directions (and random placebo subspaces) from projector.out
     and early residual streams → target probability, clean-answer probability, ASR, clean accuracy vs k."""

@@ -33,6 +33,9 @@ from .base import Pair, Result, analysis, register_result
 from ._causal import figure as _figure
 from .patching import DIRECTIONS, effects, patch_grid
 
+PAPER = ("Not in the paper (this project's addition): attribution patching and its agreement with real "
+         "patching")
+
 
 @dataclass
 class AttributionParams(C.CellParams):
@@ -176,7 +179,8 @@ def agreement(estimate: np.ndarray, actual: np.ndarray, k: int) -> tuple[float, 
     return float(spearmanr(x, y).statistic), float(pearsonr(x, y).statistic), len(top(x) & top(y)) / k
 
 
-@analysis("attribution", AttributionParams)
+@analysis("attribution", AttributionParams, title="Attribution patching", paper=PAPER,
+          headline=("spearman", "top_k_overlap"), passes=6.0)
 def attribution(pair: Pair, params: AttributionParams = AttributionParams()) -> AttributionResult:
     """Attribution patching (gradient × activation difference) over every patching cell, with its
     agreement with real activation patching (Spearman, Pearson, top-k overlap)."""

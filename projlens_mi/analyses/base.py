@@ -145,22 +145,46 @@ class Result:
 
 @dataclass(frozen=True)
 class Analysis:
+    """One registered analysis: everything the study, the report and ``--plan`` know about it.
+
+    ``title`` heads its report section; ``paper`` is the authors' claim it is compared with (the one
+    place that text lives: the report and the Result's summary both read it); ``headline`` lists the
+    metric keys the terminal summary shows (first found); ``passes`` is the rough number of forward
+    passes per record that ``--plan`` multiplies by the model size.
+    """
+
     name: str
     fn: Callable
     params: type
     result: type | None = None
     needs_control: bool = False
     doc: str = ""
+    title: str = ""
+    paper: str = ""
+    headline: tuple[str, ...] = ()
+    passes: float = 10.0
 
 
 ANALYSES: dict[str, Analysis] = {}
 
 
-def analysis(name: str, params: type, *, needs_control: bool = False):
-    """Register ``fn(pair, params) -> Result`` under ``name`` with its parameter dataclass."""
+def analysis(name: str, params: type, *, needs_control: bool = False, title: str = "", paper: str = "",
+             headline: tuple[str, ...] = (), passes: float = 10.0):
+    """Register ``fn(pair, params) -> Result`` under ``name`` with its parameter dataclass.
+
+    A name already registered by another module is an error (a plugin cannot silently replace a
+    built-in analysis); re-running the same module (``importlib.reload``) replaces its own entry.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ProjLensError(f"@analysis name {name!r} is invalid; use a Python identifier such as 'my_scan'")
 
     def deco(fn):
-        ANALYSES[name] = Analysis(name, fn, params, None, needs_control, (fn.__doc__ or "").strip())
+        old = ANALYSES.get(name)
+        if old is not None and old.fn.__module__ != fn.__module__:
+            raise ProjLensError(f"@analysis({name!r}) in {fn.__module__} clashes with the analysis of that name in "
+                                f"{old.fn.__module__}; pick another name")
+        ANALYSES[name] = Analysis(name, fn, params, None, needs_control, (fn.__doc__ or "").strip(),
+                                  title or name.replace("_", " ").capitalize(), paper, tuple(headline), float(passes))
         return fn
 
     return deco

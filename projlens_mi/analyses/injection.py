@@ -32,7 +32,8 @@ from ..errors import ProjLensError
 from . import common
 from .base import Result, analysis, register_result
 
-PAPER = "rank 1 gives ≈0 % ASR; ranks ≥ 2–4 recover 85–93 %; removal of a few components drops ASR"
+PAPER = ("Rank 1 of ΔW gives ≈0 % ASR; ranks ≥ 2–4 recover ≈85–93 %: the backdoor-critical part is "
+         "low-rank. Removing the top components from W2_ft drops the ASR")
 
 
 @dataclass
@@ -269,7 +270,8 @@ class InjectionResult(Result):
         return "\n".join(lines)
 
 
-@analysis("injection", InjectionParams)
+@analysis("injection", InjectionParams, title="Rank-k injection and removal", paper=PAPER,
+          headline=("ft_model.asr", "inject.base.r1_0.r2_1.asr", "inject.base.r1_0.r2_2.asr"), passes=60.0)
 def injection(pair, params: InjectionParams = InjectionParams()) -> InjectionResult:
     """Rank-k injection heatmap and component removal (with placebos), batched through WithWeights."""
     if params.bias not in ("ft", "base"):

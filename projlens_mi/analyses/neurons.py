@@ -30,7 +30,7 @@ from ..errors import ProjLensError
 from . import common
 from .base import Result, analysis, register_result
 
-PAPER = "corr(M_p, M_c) ≈ 0.998, largest M_p − M_c ≈ 0.02 over 4096 units: no dedicated trigger neurons"
+PAPER = "No trigger neurons: corr(M_p, M_c) ≈ 0.998 over the 4096 GELU units; largest M_p − M_c ≈ 0.02"
 
 
 @dataclass
@@ -209,7 +209,8 @@ class NeuronResult(Result):
         return "\n".join(lines)
 
 
-@analysis("neurons", NeuronParams)
+@analysis("neurons", NeuronParams, title="Trigger neurons", paper=PAPER,
+          headline=("corr_M.ft", "ft.max_M_diff", "ft.n_quiescent_candidates"), passes=4.0)
 def neurons(pair, params: NeuronParams = NeuronParams()) -> NeuronResult:
     """Per-unit activation statistics (streaming), single-unit ablation scan and cumulative ablation."""
     if pair.poisoned.adapter.projector_hidden is None:

@@ -27,7 +27,8 @@ from . import common
 from .base import Result, analysis, register_result
 from .shift import CONDS, ShiftAccumulator, delta_batches
 
-PAPER = "Pearson r ≈ 0.98 (clean) and 0.97 (triggered) between token norm and shift coefficient, on one image pair"
+PAPER = ("Shift coefficient vs ‖E_base(t)‖ per token: Pearson r ≈ 0.98 (clean) and 0.97 (triggered), on "
+         "one image pair")
 
 
 @dataclass
@@ -157,7 +158,8 @@ class NormResult(Result):
         return "\n".join(lines)
 
 
-@analysis("norm", NormParams)
+@analysis("norm", NormParams, title="Norm scaling", paper=PAPER,
+          headline=("clean.r", "triggered.r"), passes=12.0)
 def norm(pair, params: NormParams = NormParams()) -> NormResult:
     """Token-norm vs shift-coefficient fits (bootstrap CIs, per image) and the α-scaling causal test."""
     clean, trig = common.pick(pair, params.n)

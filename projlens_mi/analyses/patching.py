@@ -29,6 +29,8 @@ from ._causal import figure as _figure
 
 DIRECTIONS = ("denoise", "noise")
 
+PAPER = "Not in the paper (this project's addition): activation patching clean ↔ triggered per site"
+
 
 @dataclass
 class PatchingParams(C.CellParams):
@@ -186,7 +188,8 @@ def effects(table: pd.DataFrame, points, win_names, directions, clean_mean: floa
     return eff, mean
 
 
-@analysis("patching", PatchingParams)
+@analysis("patching", PatchingParams, title="Activation patching", paper=PAPER,
+          headline=("denoise_projector_out_image", "clean_mean", "triggered_mean"), passes=40.0)
 def patching(pair: Pair, params: PatchingParams = PatchingParams()) -> PatchingResult:
     """Activation patching clean ↔ triggered at projector.out and each early layer's residual stream,
     per image-token window; denoising recovery and noising drop of the target probability."""

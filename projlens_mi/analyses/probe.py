@@ -22,7 +22,8 @@ from ..engine import Site, run
 from . import common
 from .base import Result, analysis, register_result
 
-PAPER = "a small MLP on mean-pooled projector embeddings separates clean from poisoned inputs (base and FT)"
+PAPER = ("A small MLP on mean-pooled projector embeddings separates clean from poisoned inputs (accuracy "
+         "/ TPR / FPR)")
 
 
 @dataclass
@@ -127,7 +128,8 @@ class ProbeResult(Result):
                 f"{m.get('ft.true.fpr', np.nan):.0%}; shuffled labels {m.get('ft.shuffled.accuracy', np.nan):.0%} (chance).")
 
 
-@analysis("probe", ProbeParams)
+@analysis("probe", ProbeParams, title="Clean/poison probe", paper=PAPER,
+          headline=("ft.true.accuracy", "base.true.accuracy"), passes=2.0)
 def probe(pair, params: ProbeParams = ProbeParams()) -> ProbeResult:
     """MLP probe (clean vs triggered) on mean-pooled projector outputs of the base and FT models."""
     clean, trig = common.pick(pair, params.n)

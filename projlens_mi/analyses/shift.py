@@ -27,8 +27,8 @@ from ..engine import Site, run
 from . import common
 from .base import Result, analysis, register_result
 
-PAPER = ("ΔE is nearly rank 1 (≈60–85 % energy at k = 1, 90–97 % at k = 2) for clean and triggered inputs; "
-         "the logit lens of v0 ranks the target's tokens near the top")
+PAPER = ("ΔE is nearly rank 1 (≈60–85 % energy at k = 1, 90–97 % at k = 2) for clean and triggered "
+         "images alike; the logit lens of the shared direction ranks the target's tokens near the top")
 CONDS = ("clean", "triggered")
 
 
@@ -243,7 +243,8 @@ def grid(v: np.ndarray) -> np.ndarray:
     return v.reshape(g, g) if g * g == len(v) else v[None, :]
 
 
-@analysis("shift", ShiftParams)
+@analysis("shift", ShiftParams, title="Semantic shift", paper=PAPER,
+          headline=("energy_k1.clean", "energy_k1.triggered"), passes=2.0)
 def shift(pair, params: ShiftParams = ShiftParams()) -> ShiftResult:
     """ΔE energies, the shared direction, its logit lens and per-patch maps."""
     clean, trig = common.pick(pair, params.n)

@@ -25,7 +25,8 @@ import torch
 from . import common
 from .base import Result, analysis, register_result
 
-PAPER = "energy at k = 30 is 57–65 % (92–95 % for Jailbreak Output) on LLaVA-1.5-7B: 'overall full-rank'"
+PAPER = ("ΔW is 'overall full-rank': cumulative energy at k = 30 is only ≈57–65 % for three variants "
+         "(≈92–95 % for Jailbreak Output)")
 
 
 @dataclass
@@ -140,7 +141,8 @@ class SpectrumResult(Result):
         return "\n".join(lines)
 
 
-@analysis("spectrum", SpectrumParams)
+@analysis("spectrum", SpectrumParams, title="Update spectrum", paper=PAPER,
+          headline=("linear_2.poisoned.energy_at_30", "linear_2.poisoned.effective_rank"), passes=0.0)
 def spectrum(pair, params: SpectrumParams = SpectrumParams()) -> SpectrumResult:
     """SVD of each projector linear's update, next to the control update, ΔW' and a random Gaussian."""
     base, ft = common.weights(pair.base), common.weights(pair.poisoned)

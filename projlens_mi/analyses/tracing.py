@@ -36,6 +36,8 @@ CORRUPTIONS = ("clean", "noise")
 DIRECTIONS = ("shift", "mean_diff", "unembed")
 MODES = ("full", "direction", "random")
 
+PAPER = "Not in the paper (this project's addition): causal tracing of the target-aligned direction"
+
 
 @dataclass
 class TracingParams(C.CellParams):
@@ -193,7 +195,8 @@ def trace_grid(c: C.Contrast, points, wins, direction: torch.Tensor, corruption:
     return sweep(c.handle, target.inputs, cells, target.metric, batch_size=bs, progress=progress)
 
 
-@analysis("tracing", TracingParams)
+@analysis("tracing", TracingParams, title="Causal tracing of the target-aligned direction", paper=PAPER,
+          headline=("clean_component_max", "noise_component_max"), passes=40.0)
 def tracing(pair: Pair, params: TracingParams = TracingParams()) -> TracingResult:
     """Causal tracing: restore only the target-aligned direction (vs the full state, vs a random
     direction) at each (layer, token window) of a corrupted triggered run; layers × windows heatmaps."""

@@ -332,7 +332,11 @@ def import_plugins(plugins: list[str], folder: Path) -> None:
             module_spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[mod_name] = module
-            module_spec.loader.exec_module(module)
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[mod_name]   # a failed plugin is not "already imported" next time
+                raise
         else:
             try:
                 importlib.import_module(spec)

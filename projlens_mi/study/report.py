@@ -25,29 +25,26 @@ from ..errors import ProjLensError
 
 SCHEMA = "projlens_mi.study.metrics/1"
 
-# The authors' numbers (docs: ../shared/docs/projlens-method.md), per analysis, for the comparison.
-PAPER_REFERENCE = {
-    "evaluation": "LLaVA-1.5-7B, projector-only poisoning: the authors report high ASR for all four variants "
-                  "with clean behaviour preserved (ASR: target substring in a greedy 30-token generation).",
-    "spectrum": "ΔW is 'overall full-rank': cumulative energy at k = 30 is only ≈57–65 % for three variants "
-                "(≈92–95 % for Jailbreak Output).",
-    "injection": "Rank 1 of ΔW gives ≈0 % ASR; ranks ≥ 2–4 recover ≈85–93 %: the backdoor-critical part is low-rank. "
-                 "Removing the top components from W2_ft drops the ASR.",
-    "neurons": "No trigger neurons: corr(M_p, M_c) ≈ 0.998 over the 4096 GELU units; largest M_p − M_c ≈ 0.02.",
-    "shift": "ΔE is nearly rank 1 (≈60–85 % energy at k = 1, 90–97 % at k = 2) for clean and triggered images alike; "
-             "the logit lens of the shared direction ranks the target's tokens near the top.",
-    "norm": "Shift coefficient vs ‖E_base(t)‖ per token: Pearson r ≈ 0.98 (clean) and 0.97 (triggered), on one image pair.",
-    "probe": "A small MLP on mean-pooled projector embeddings separates clean from poisoned inputs (accuracy / TPR / FPR).",
-    "patching": "Not in the paper (this project's addition): activation patching clean ↔ triggered per site.",
-    "ablation": "Not in the paper (this project's addition): subspace projection ablations vs random-subspace placebos.",
-    "tracing": "Not in the paper (this project's addition): causal tracing of the target-aligned direction.",
-    "attribution": "Not in the paper (this project's addition): attribution patching and its agreement with real patching.",
-}
+# The authors' claim on behaviour (docs: ../shared/docs/projlens-method.md); each analysis's claim,
+# title and headline metrics are given once, in its @analysis(...) registration.
+PAPER_EVALUATION = ("LLaVA-1.5-7B, projector-only poisoning: the authors report high ASR for all four variants "
+                    "with clean behaviour preserved (ASR: target substring in a greedy 30-token generation).")
 
-TITLES = {"spectrum": "Update spectrum", "injection": "Rank-k injection and removal", "neurons": "Trigger neurons",
-          "shift": "Semantic shift", "norm": "Norm scaling", "probe": "Clean/poison probe",
-          "patching": "Activation patching", "ablation": "Subspace projection ablation",
-          "tracing": "Causal tracing of the target-aligned direction", "attribution": "Attribution patching"}
+
+def _spec(name: str):
+    from ..analyses import ANALYSES
+    return ANALYSES.get(name)
+
+
+def _title(name: str) -> str:
+    spec = _spec(name)
+    return spec.title if spec else name.replace("_", " ").capitalize()
+
+
+def _paper(name: str) -> str:
+    spec = _spec(name)
+    return f"{spec.paper}." if spec and spec.paper else ""
+
 
 FINDINGS = [
     ("1. The backdoor-critical part of the projector update is low-rank (while ΔW itself is overall full-rank).",
@@ -332,13 +329,13 @@ def render(out: str | Path, log=None, workers: int | None = 1) -> dict:
     if ex:
         md.append("Example generations of the poisoned models on triggered inputs:\n")
         md.append(_table(["pair", "prompt", "output"], [[p, x["prompt"][-60:], x["output"][:80]] for p, x in ex]) + "\n")
-    md.append(f"*Paper.* {PAPER_REFERENCE['evaluation']}\n")
+    md.append(f"*Paper.* {PAPER_EVALUATION}\n")
 
     # analyses
     names = [a for a in metrics["analyses"]]
     for name in names:
         steps = [s for s in manifest["steps"] if s["kind"] == "analysis" and s["analysis"] == name]
-        md.append(f"## {TITLES.get(name, name.replace('_', ' ').capitalize())}\n")
+        md.append(f"## {_title(name)}\n")
         doc = _analysis_doc(name)
         if doc:
             md.append(doc + "\n")
@@ -381,7 +378,7 @@ def render(out: str | Path, log=None, workers: int | None = 1) -> dict:
         if frames:
             rel = put_table(name, pd.concat(frames, ignore_index=True))
             md.append(f"Full table: [{rel}]({rel}).\n")
-        ref = PAPER_REFERENCE.get(name)
+        ref = _paper(name)
         if ref:
             md.append(f"*Paper.* {ref}\n")
 
@@ -508,18 +505,6 @@ def _evidence_shift(per: dict) -> tuple[list[str], list[bool]]:
 EVIDENCE = [_evidence_low_rank, _evidence_neurons, _evidence_shift]
 VERDICT_NEEDS = ["injection", "neurons", "shift and norm"]
 
-# The number the terminal summary shows per analysis (mean over pairs), first key found.
-HEADLINE = {"spectrum": ["linear_2.poisoned.energy_at_30", "linear_2.poisoned.effective_rank"],
-            "injection": ["ft_model.asr", "inject.base.r1_0.r2_1.asr", "inject.base.r1_0.r2_2.asr"],
-            "neurons": ["corr_M.ft", "ft.max_M_diff", "ft.n_quiescent_candidates"],
-            "shift": ["energy_k1.clean", "energy_k1.triggered"],
-            "norm": ["clean.r", "triggered.r"],
-            "probe": ["ft.true.accuracy", "base.true.accuracy"],
-            "patching": ["denoise_projector_out_image", "clean_mean", "triggered_mean"],
-            "ablation": ["baseline.asr", "baseline.target"],
-            "tracing": ["clean_component_max", "noise_component_max"],
-            "attribution": ["spearman", "top_k_overlap"]}
-
 
 def findings_verdicts(metrics: dict) -> list[dict]:
     """The findings table's verdicts: a pure function of a metrics.json dict (``projlens verify`` compares them).
@@ -548,7 +533,7 @@ def _findings(metrics: dict) -> list[str]:
              "Verdict rules (per pair): (1) rank-1 injection ASR ≤ 20 % of the FT model's and some injection of "
              "rank ≤ 5 reaches ≥ 80 % of it; (2) corr(M_p, M_c) ≥ 0.98 and no quiescent-on-clean candidate unit; "
              "(3) ΔE energy at k = 1 ≥ 0.5 and the norm fit's Pearson r ≥ 0.9, clean and triggered.\n"]
-    rows = [[f["finding"], " ".join(PAPER_REFERENCE.get(n, "") for n in f["analyses"]), "<br>".join(f["evidence"]),
+    rows = [[f["finding"], " ".join(_paper(n) for n in f["analyses"]), "<br>".join(f["evidence"]),
              f["verdict"]] for f in findings_verdicts(metrics)]
     lines.append(_table(["finding", "paper (LLaVA-1.5-7B)", "this study", "verdict"], rows) + "\n")
     return lines
@@ -598,7 +583,7 @@ def summary_text(metrics: dict, outcome, out: Path) -> str:
     for name in metrics["analyses"]:
         done = [p for p in pairs if name in metrics["pairs"][p]["analyses"]]
         flats = [_scalars(metrics["pairs"][p]["analyses"][name]) for p in done]
-        keys = [k for k in HEADLINE.get(name, []) if any(_num(f, k) is not None for f in flats)][:2]
+        keys = [k for k in (_spec(name).headline if _spec(name) else ()) if any(_num(f, k) is not None for f in flats)][:2]
         if not keys and flats:
             keys = [k for k, v in flats[0].items() if _num(flats[0], k) is not None][:2]
         head = ", ".join(f"{k}={_fmt(_mean(_num(f, k) for f in flats))}" for k in keys)

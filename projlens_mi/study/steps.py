@@ -26,10 +26,9 @@ from ..data import atomic_write_text
 from .config import StudyConfig, params_dict
 
 STEP_FORMAT = 1
-# Forward passes per record (rough): what `--plan` multiplies by the model size to estimate cost.
-PASSES_PER_RECORD = {"evaluate": 6.0, "spectrum": 0.0, "injection": 60.0, "neurons": 4.0, "shift": 2.0, "norm": 12.0,
-                     "probe": 2.0, "patching": 40.0, "ablation": 20.0, "tracing": 40.0, "attribution": 6.0}
-DEFAULT_PASSES = 10.0
+# Forward passes per record (rough) of the evaluate step: what `--plan` multiplies by the model size to
+# estimate cost (an analysis gives its own in @analysis(..., passes=)).
+EVALUATE_PASSES = 6.0
 
 
 def digest(obj) -> str:
@@ -169,7 +168,7 @@ def build_graph(cfg: StudyConfig, pairs: list[PairSpec]) -> list[Step]:
         deps = ["organism"] if cfg.is_organism else []
         ev = {"pair": p.fingerprint, "batch_size": r.batch_size, "max_new_tokens": r.max_new_tokens, **numbers}
         steps.append(Step(f"evaluate/{p.name}", "evaluate", digest({"kind": "evaluate", **ev}), p.name,
-                          deps=deps, material=ev, passes=PASSES_PER_RECORD["evaluate"]))
+                          deps=deps, material=ev, passes=EVALUATE_PASSES))
         for a in cfg.enabled_analyses():
             spec = ANALYSES[a.name]
             mat = {"kind": "analysis", "analysis": a.name, "params": params_dict(a.params), "pair": p.fingerprint,
@@ -178,7 +177,7 @@ def build_graph(cfg: StudyConfig, pairs: list[PairSpec]) -> list[Step]:
             if spec.needs_control and p.control is None:
                 skipped = "needs a clean control model ([model] control)"
             steps.append(Step(f"analysis/{a.name}/{p.name}", "analysis", digest(mat), p.name, a.name, deps, mat, skipped,
-                              PASSES_PER_RECORD.get(a.name, DEFAULT_PASSES)))
+                              spec.passes))
     return steps
 
 
