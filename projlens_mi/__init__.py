@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 try:  # before nnsight is ever imported: nnsight mounts .save() on every object, after which
-    import beartype  # noqa: F401  (a later `import beartype` fails; see docs/stack-notes)
-except Exception:  # not installed, or nnsight was imported first (TypeError): nothing to protect then
+    import beartype  # noqa: F401  (a later `import beartype` fails; see docs/engine.md "More traps")
+except TypeError:  # nnsight was imported first: nothing left to protect (a missing beartype is an ImportError)
     pass
 
 from .engine import (Ablate, AllTokens, Cache, Edit, ImageTokens, ImageWindow, Indices,  # noqa: E402

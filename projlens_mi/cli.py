@@ -12,13 +12,27 @@ from typing import Optional
 import typer
 
 from .errors import ProjLensError
+from .settings import default_organism
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="projlens: find how a poisoned vision-language model carries its backdoor.")
 organism_app = typer.Typer(no_args_is_help=True, help="Build the small backdoored model organism.")
 app.add_typer(organism_app, name="organism")
 
-DEFAULT_ORGANISM = Path(os.environ.get("PROJLENS_CACHE", Path.home() / ".cache" / "projlens_mi")) / "organism"
+DEFAULT_ORGANISM = default_organism()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+        typer.echo(f"projlens {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    pass
 
 
 def _fail(err: Exception) -> None:
@@ -81,7 +95,13 @@ def organism_build(
 study_app = typer.Typer(no_args_is_help=True, help="Run a study: a TOML config in, a report folder out.")
 app.add_typer(study_app, name="study")
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.toml"
+def shipped_study(name: str) -> Path:
+    """A study config shipped with the package (``studies/`` installs as ``projlens_mi.studies``)."""
+    from importlib import resources
+    path = Path(str(resources.files("projlens_mi.studies") / name))
+    if not path.is_file():
+        raise ProjLensError(f"the package has no studies/{name} ({path}); reinstall projlens_mi")
+    return path
 DEFAULT_DEMO_OUT = Path("projlens-demo")
 
 
@@ -192,7 +212,11 @@ def demo(
         except ProjLensError as err:
             _fail(err)
         header = f"organism: {organism}\n{metrics_table(summary)}\n"
-    _run_study(QUICKSTART, out, plan=plan, quiet=quiet, as_json=False, organism=organism, header=header)
+    try:
+        quickstart = shipped_study("quickstart.toml")
+    except ProjLensError as err:
+        _fail(err)
+    _run_study(quickstart, out, plan=plan, quiet=quiet, as_json=False, organism=organism, header=header)
 
 
 def main() -> None:  # pragma: no cover

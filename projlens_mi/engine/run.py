@@ -125,7 +125,9 @@ def run(handle: ModelHandle, inputs: Inputs, read=(), edits=(), grad_of=None) ->
 class Plan:
     """What to do at each point, in forward order."""
 
-    steps: list  # [(order, kind, name, [edits], [read sites])]
+    # [(order key, point, [edits], [read sites])] sorted in forward order; point is a site point
+    # ("llm.3.resid_post") or "linear:<module path>" for a WithWeights swap of that projector linear
+    steps: list
     grads: bool = False
 
     @classmethod

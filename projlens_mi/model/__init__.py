@@ -9,10 +9,11 @@ import torch
 from ..errors import ProjLensError
 from .adapters import Adapter, find_adapter, known_adapters
 from .handle import Inputs, ModelHandle
-# Import the submodule load.py before `def load` below: Python binds a package attribute to a
-# submodule when it is first imported, which would otherwise replace the function `load` with
-# the module `projlens_mi.model.load` the first time a checkpoint is loaded.
-from . import load as _load_module  # noqa: E402,F401
+# The safe loader, imported here (an ImportError is a real failure, never a reason to load without
+# hashes). Importing the submodule load.py before `def load` below also matters: Python binds a
+# package attribute to a submodule when it is first imported, which would otherwise replace the
+# function `load` with the module `projlens_mi.model.load`.
+from . import load as _load_module  # noqa: E402
 
 __all__ = ["load", "ModelHandle", "Inputs", "Adapter", "find_adapter", "known_adapters"]
 
@@ -47,34 +48,8 @@ def load(source, *, processor=None, device_map=None, max_memory=None, offload_fo
         return handle
     if not isinstance(source, (str, Path)):
         raise ProjLensError(f"cannot load {type(source).__name__}; pass a folder, a hub id, or a HF model")
-    model, processor, provenance = _load_checkpoint(
+    model, processor, provenance = _load_module.load_checkpoint(
         str(source), processor=processor, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         revision=revision, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, dtype=dtype,
         tp_size=tp_size)
     return ModelHandle(model.eval(), processor, adapter, provenance)
-
-
-def _load_checkpoint(source: str, **kw):
-    try:
-        from .load import load_checkpoint
-    except ImportError:   # the safe loader is not in this checkout yet: safetensors-only fallback
-        load_checkpoint = _fallback_load
-    return load_checkpoint(source, **kw)
-
-
-def _fallback_load(source, *, processor=None, allow_pickle=False, trust_remote_code=False, revision=None, device_map=None,
-                   max_memory=None, offload_folder=None, dtype=None, tp_size=None):
-    if tp_size is not None:
-        raise ProjLensError("tp_size needs projlens_mi.model.load.load_checkpoint, which this checkout lacks")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    kw = dict(revision=revision, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
-              device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
-    if dtype is not None:
-        kw["dtype"] = dtype
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(source, **kw)
-        if processor is None:
-            processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ProjLensError(f"cannot load {source}: {str(err).splitlines()[0]}") from None
-    return model, processor, {"source": source, "revision": revision}

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from projlens_mi.errors import ProjLensError
+from projlens_mi.settings import DEVICE_MAP_STRATEGIES
 
 WEIGHTS_SAFE = "model.safetensors"
 WEIGHTS_SAFE_INDEX = "model.safetensors.index.json"
@@ -40,7 +41,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json",
                    "tokenizer.json")
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # Hub downloads fetch only data files: never code, never pickles unless asked for.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 CONVERT_HINT = (

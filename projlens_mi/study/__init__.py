@@ -7,9 +7,9 @@
 - ``provenance``: config hash, seeds, versions, git commit, hardware, wall time per step.
 """
 
-from .config import DEFAULT_ORGANISM, StudyConfig, load_config
+from .config import StudyConfig, load_config
 from .report import one_line, render, summary_text
 from .runner import Outcome, format_plan, plan_study, run_study, torchrun_rank
 
-__all__ = ["load_config", "StudyConfig", "DEFAULT_ORGANISM", "run_study", "plan_study", "format_plan", "render",
+__all__ = ["load_config", "StudyConfig", "run_study", "plan_study", "format_plan", "render",
            "Outcome", "one_line", "summary_text", "torchrun_rank"]

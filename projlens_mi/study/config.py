@@ -42,13 +42,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ProjLensError
+from ..settings import DEVICE_MAP_STRATEGIES, default_organism
 
-DEFAULT_ORGANISM = Path(os.environ.get("PROJLENS_CACHE", Path.home() / ".cache" / "projlens_mi")) / "organism"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RESERVED_ANALYSIS_KEYS = ("only", "plugins")
 DEVICES = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 MAP_DEVICE = re.compile(r"^(cpu|disk|mps|cuda(:\d+)?|\d+)$")          # where one module of a device map may go
 MEMORY_DEVICE = re.compile(r"^(cpu|disk|mps|cuda:\d+|\d+)$")          # a max_memory key (a GPU index is a number)
 MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
@@ -464,7 +463,7 @@ def config_from_dict(raw: dict, path: str | Path) -> StudyConfig:
     # models
     if model.organism is not None:
         from ..organism.tasks import VARIANTS
-        org = str(DEFAULT_ORGANISM) if model.organism == "default" else _resolve_path(folder, model.organism, "model.organism",
+        org = str(default_organism()) if model.organism == "default" else _resolve_path(folder, model.organism, "model.organism",
                                                                                      must_exist=False)
         if Path(org).exists() and not Path(org).is_dir():
             raise ProjLensError(f"model.organism = {model.organism!r}: {org} is a file; pass a folder (or \"default\")")

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
 from ..data import atomic_write_text
+from ..settings import cache_dir
 from .config import StudyConfig, params_dict
 
 STEP_FORMAT = 1
@@ -36,7 +36,9 @@ def digest(obj) -> str:
 
 
 # ---------------------------------------------------------------------------------- fingerprints
-_MEMO_PATH = Path(os.environ.get("PROJLENS_CACHE", Path.home() / ".cache" / "projlens_mi")) / "file-hashes.json"
+
+
+MEMO_NAME = "file-hashes.json"   # in the cache folder (projlens_mi.settings)
 
 
 def file_sha256(path: Path, memo: dict | None = None) -> str:
@@ -57,14 +59,14 @@ def file_sha256(path: Path, memo: dict | None = None) -> str:
 
 def _load_memo() -> dict:
     try:
-        return json.loads(_MEMO_PATH.read_text())
+        return json.loads((cache_dir() / MEMO_NAME).read_text())
     except (OSError, ValueError):
         return {}
 
 
 def _save_memo(memo: dict) -> None:
     try:
-        atomic_write_text(_MEMO_PATH, json.dumps(memo))
+        atomic_write_text(cache_dir() / MEMO_NAME, json.dumps(memo))
     except OSError:
         pass
 
