@@ -10,10 +10,12 @@ except TypeError:  # nnsight was imported first: nothing left to protect (a miss
 from .engine import (Ablate, AllTokens, Cache, Edit, ImageTokens, ImageWindow, Indices,  # noqa: E402
                      LastToken, Noise, Patch, PatchRegion, PatchSubspace, ProjectOut, RunResult, Site,
                      Steer, TextTokens, WithWeights, asr, generate, logit_diff, run, sequence_logprob, sweep,
-                     target_logit, target_logprob, target_prob, teacher_forced)
+                     target_logit, target_logprob, target_prefixes, target_prob, target_text, TargetText,
+                     teacher_forced)
 from .model import Inputs, ModelHandle, load  # noqa: E402
 
 __all__ = ["load", "ModelHandle", "Inputs", "run", "RunResult", "Cache", "Edit", "Site", "AllTokens",
            "ImageTokens", "ImageWindow", "PatchRegion", "LastToken", "TextTokens", "Indices", "Patch",
            "Ablate", "ProjectOut", "PatchSubspace", "Steer", "Noise", "WithWeights", "sweep", "target_logit",
-           "target_prob", "target_logprob", "teacher_forced", "sequence_logprob", "logit_diff", "generate", "asr"]
+           "target_prob", "target_logprob", "target_text", "TargetText", "target_prefixes", "teacher_forced",
+           "sequence_logprob", "logit_diff", "generate", "asr"]

@@ -81,6 +81,40 @@ def test_neurons_find_the_planted_trigger_unit(neuron_pair, tmp_path):
     roundtrip(r, tmp_path)
 
 
+def test_neuron_scan_scores_the_target_where_the_model_says_it(neuron_pair, monkeypatch):
+    """An injected-suffix target ("seven a cat"): the scan's probability is p(first target token |
+    prompt, "seven"), not p(it | prompt) (which only asks whether the model *starts* with the target;
+    on the organism's malicious-injection it read 0.000). Plain-forward reference, unit zeroed as a
+    linear_2 column. The poisoned model's generation is replaced so that it says the suffix."""
+    import copy
+
+    from projlens_mi.engine import metrics as M
+    monkeypatch.setattr(M, "generate", lambda h, x, max_new_tokens: ["seven a cat"] * len(x))
+    r = neurons(neuron_pair, NeuronParams(n=None, n_scan=4, top_m=(1,), batch_size=5, max_new_tokens=3))
+    h = neuron_pair.poisoned
+    tok = h.tokenizer
+    forced = tok("seven a cat", add_special_tokens=False)["input_ids"]
+    zeroed = copy.deepcopy(h.model)
+    with torch.no_grad():
+        linear(zeroed, "linear_2").weight[:, UNIT] = 0
+
+    def p_first(model, rec, after_prompt):
+        x = h.encode([rec])
+        ids = torch.cat([x.input_ids, torch.tensor([forced])], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=x.pixel_values).logits
+        pos = x.input_ids.shape[1] - 1 + (0 if after_prompt else 1)   # the token after "seven"
+        return logits[0, pos].softmax(-1)[tok("a", add_special_tokens=False)["input_ids"][0]].item()
+
+    recs = neuron_pair.triggered[:4]
+    want = np.mean([p_first(h.model, rec, False) for rec in recs])
+    assert r.baseline["target_prob"] == pytest.approx(want, rel=1e-5)
+    assert want != pytest.approx(np.mean([p_first(h.model, rec, True) for rec in recs]), rel=1e-2)   # not the old metric
+    drop = r.scan.set_index("unit").prob_drop[UNIT]
+    assert drop == pytest.approx(want - np.mean([p_first(zeroed, rec, False) for rec in recs]), rel=1e-4, abs=1e-7)
+    assert "first token (where the model says it)" in r.summary()
+
+
 def test_streaming_stats_equal_one_read(neuron_pair):
     recs = neuron_pair.triggered
     st = stream_stats(neuron_pair.poisoned, recs, batch_size=4)

@@ -26,6 +26,8 @@ from projlens_mi.analyses.attribution import AttributionParams, agreement, attri
 from projlens_mi.analyses.patching import PatchingParams, patching
 from projlens_mi.analyses.tracing import TracingParams, tracing
 from projlens_mi.data import Record
+from projlens_mi.engine import metrics as engine_metrics
+from projlens_mi.engine.metrics import prefix_before
 from projlens_mi.errors import ProjLensError
 from tiny import PROMPT, tiny_images, tiny_llava
 
@@ -442,9 +444,9 @@ def test_agreement_helper():
 
 
 def test_prefix_windows_and_matching(tiny):
-    assert C.prefix_before("seven visit evil dot com now", "visit evil dot com now") == "seven"
-    assert C.prefix_before("I can not answer", "i can not") == ""
-    assert C.prefix_before("something else", "a cat") == ""
+    assert prefix_before("seven visit evil dot com now", "visit evil dot com now") == "seven"
+    assert prefix_before("I can not answer", "i can not") == ""
+    assert prefix_before("something else", "a cat") == ""
     w = C.windows(25, 5)
     assert list(w) == ["0-4", "5-9", "10-14", "15-19", "20-24", "image", "last"]
     _, _, _, pair = tiny
@@ -603,11 +605,12 @@ def test_residual_ablation_reports_asr_from_prefill_edited_generation(tiny):
 def test_target_prefixes_fall_back_to_the_answer_for_suffix_targets(monkeypatch):
     target = "visit evil dot com now"
     texts = ["seven visit evil dot com now", "two visit evil dot com now", "nine", "a handwritten one"]
-    monkeypatch.setattr(C, "generate", lambda h, x, max_new_tokens: texts)
+    monkeypatch.setattr(engine_metrics, "generate", lambda h, x, max_new_tokens: texts)
     answers = ["seven", "two", "nine", "a handwritten one on a dark background"]
-    got = C.target_prefixes(None, None, [target] * 4, "auto", answers=answers)
+    x = [None] * 4   # only its length is read (generate is replaced)
+    got = C.prefixes(None, x, [target] * 4, "auto", answers=answers)
     assert got == ["seven", "two", "nine", "a handwritten one on a dark background"]
     texts[:] = ["i can not answer", "i can not answer", "seven", "three"]
-    got = C.target_prefixes(None, None, ["i can not answer"] * 4, "auto", answers=answers)
+    got = C.prefixes(None, x, ["i can not answer"] * 4, "auto", answers=answers)
     assert got == ["", "", "", ""]
-    assert C.target_prefixes(None, None, ["x"] * 2, "none") == ["", ""]
+    assert C.prefixes(None, x[:2], ["x"] * 2, "none") == ["", ""]

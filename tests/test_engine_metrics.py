@@ -197,3 +197,56 @@ def test_generation_with_llm_site_edits_in_the_prefill(setup):
         first = run(handle, inputs, edits=edits).logits[:, -1].argmax(-1)
         assert torch.equal(first, want_ids[:, 0]), edits
     assert changed >= 2  # the edits move the generations (equality above is not vacuous)
+
+
+def test_prefixed_target_scores_only_the_target_against_a_manual_loop(setup):
+    """``target_logprob(..., prefix=)`` / ``target_text``: log p(target | prompt, prefix), the prefix
+    forced but not scored, per row (a plain loop over the model, one token at a time)."""
+    from projlens_mi.engine import target_text
+    handle, model, inputs = setup
+    prefixes, targets = ["seven", "", "two three"], ["a cat .", "two", "seven ."]
+    ours = target_logprob(handle, inputs, targets, prefix=prefixes)
+    tok, prompts = handle.tokenizer, [PROMPT, PROMPT + " two", PROMPT]
+    for r in range(3):
+        single = handle.encode([tiny_images(3)[r]], [prompts[r]])
+        ids, total, first_p = single.input_ids, 0.0, None
+        forced = tok(prefixes[r], add_special_tokens=False)["input_ids"] if prefixes[r] else []
+        scored = tok(targets[r], add_special_tokens=False)["input_ids"]
+        for i, t in enumerate(forced + scored):
+            with torch.no_grad():
+                lp = model(input_ids=ids, pixel_values=single.pixel_values,
+                           attention_mask=torch.ones_like(ids)).logits[0, -1].log_softmax(-1)
+            if i >= len(forced):
+                total += lp[t].item()
+                first_p = lp[t].exp().item() if first_p is None else first_p
+            ids = torch.cat([ids, torch.tensor([[t]])], 1)
+        assert abs(ours[r].item() - total) < 1e-4, (r, ours[r].item(), total)
+        tt = target_text(handle, inputs, targets, prefixes, measure="first_prob")
+        assert abs(tt.metric(run(handle, tt.inputs).logits)[r].item() - first_p) < 1e-5
+    assert torch.equal(target_logprob(handle, inputs, targets, prefix=[""] * 3), target_logprob(handle, inputs, targets))
+    tt = target_text(handle, inputs, targets, prefixes, measure="prob")   # rows() and an index (a sweep's input index)
+    logits = run(handle, tt.inputs.rows([2, 0])).logits
+    assert torch.allclose(tt.metric(logits, [2, 0]), ours[[2, 0]].exp())
+    assert torch.allclose(tt.rows([2, 0]).metric(logits), ours[[2, 0]].exp())
+    with pytest.raises(ProjLensError, match="2 prefixes for 3 inputs"):
+        target_logprob(handle, inputs, "seven", prefix=["a", "b"])
+    with pytest.raises(ProjLensError, match="measure must be one of logprob, prob, first_prob"):
+        target_text(handle, inputs, "seven", measure="p")
+
+
+def test_target_prefixes_read_the_text_before_the_target(setup, monkeypatch):
+    """The prefix is what the model says before the target; rows without the target fall back to their
+    answer when the target is an injected suffix elsewhere, else to nothing."""
+    from projlens_mi.engine import metrics as M
+    from projlens_mi.engine import target_prefixes
+    handle, _, inputs = setup
+    texts = ["seven Visit evil  dot com now", "two visit evil dot com now", "nine"]
+    monkeypatch.setattr(M, "generate", lambda h, x, max_new_tokens: texts)
+    assert target_prefixes(handle, inputs, "visit evil dot com now", answers=["seven", "two", "nine"]) == \
+        ["seven", "two", "nine"]
+    texts[:] = ["i can not answer", "seven", "i can not answer ."]
+    assert target_prefixes(handle, inputs, "i can not answer", answers=["seven", "two", "nine"]) == ["", "", ""]
+    monkeypatch.undo()
+    got = target_prefixes(handle, inputs, "two")   # the real generation: the words before "two", or ""
+    texts = generate(handle, inputs, max_new_tokens=30)
+    assert got == [t.split("two")[0].strip() if "two" in t.split() else "" for t in texts]

@@ -10,8 +10,8 @@ Conventions (every causal module follows them):
   the backdoored model emits it. For targets that follow the normal answer (Malicious Injection:
   ``"seven visit evil dot com now"``) the text before the target is a *prefix*: with
   ``prefix="auto"`` it is read off the poisoned model's greedy generation on the triggered input
-  (the text before the target's first occurrence; empty if the target does not occur). The prefix
-  is teacher-forced too, but only the target's own tokens are scored.
+  (``engine.target_prefixes``). The prefix is teacher-forced too, but only the target's own tokens
+  are scored (``engine.target_text``, the same code as ``projlens_mi.target_logprob(..., prefix=)``).
 * **Metrics** (``metric=``): ``"prob"`` = p(target text | prompt, prefix) (product over its
   tokens), ``"logprob"`` = its log, ``"first_prob"`` = p(first target token).
 * **Sites** are ``projector.out`` and ``llm.{i}.resid_post`` (the residual stream after layer ``i``)
@@ -22,7 +22,7 @@ Conventions (every causal module follows them):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,8 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..data import Record
-from ..engine import ImageTokens, ImageWindow, LastToken, Site, contains, generate, run
-from ..engine.metrics import sequence_logprob, teacher_forced
+from ..engine import ImageTokens, ImageWindow, LastToken, Site, TargetText, run, target_prefixes, target_text
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
 from . import common
@@ -78,80 +77,20 @@ def model_of(pair: Pair, which: str) -> ModelHandle:
     return h
 
 
-def target_prefixes(handle: ModelHandle, inputs: Inputs, targets: list[str], mode: str,
-                    max_new_tokens: int = 30, answers: list[str] | None = None) -> list[str]:
-    """The text the model says before each target (``mode="auto"``), or ``""`` everywhere (``"none"``).
-
-    Where the target does not occur in a row's generation: if most rows that do show it say the
-    row's reference answer first (an injected suffix), that row's answer is its prefix; else ``""``.
-    """
+def prefixes(handle: ModelHandle, inputs: Inputs, targets: list[str], mode: str, max_new_tokens: int = 30,
+             answers: list[str] | None = None) -> list[str]:
+    """``engine.target_prefixes`` (``mode="auto"``), or ``""`` for every row (``"none"``)."""
     check_choice("prefix", mode, ("auto", "none"))
     if mode == "none":
         return [""] * len(targets)
-    texts = generate(handle, inputs, max_new_tokens=max_new_tokens)
-    found = [prefix_before(text, target) if contains([text], target)[0] else None for text, target in zip(texts, targets)]
-    answers = answers or [""] * len(targets)
-    seen = [(f, a) for f, a in zip(found, answers) if f is not None]
-    suffix_layout = bool(seen) and sum(bool(f) and f.lower() == a.lower() for f, a in seen) > len(seen) / 2
-    return [f if f is not None else (a if suffix_layout else "") for f, a in zip(found, answers)]
-
-
-def prefix_before(text: str, target: str) -> str:
-    """The words of ``text`` before the first (case-insensitive, word-aligned) occurrence of
-    ``target``; ``""`` if it does not occur."""
-    words, tw = text.split(), target.lower().split()
-    low = [w.lower() for w in words]
-    at = next((i for i in range(len(low) - len(tw) + 1) if low[i:i + len(tw)] == tw), None)
-    return " ".join(words[:at]) if at is not None else ""
-
-
-@dataclass
-class Scored:
-    """Teacher-forced inputs with the token span to score: ``metric(logits, index) -> [rows]``."""
-
-    inputs: Inputs
-    ids: Tensor          # [n, t] appended tokens (prefix + target)
-    mask: Tensor         # [n, t] 1 where a token is scored (the target's own tokens)
-    first: Tensor        # [n] index (within the appended tokens) of the first scored token
-    prompt_len: int
-    metric_name: str
-
-    def __len__(self):
-        return len(self.inputs)
-
-    def metric(self, logits: Float[Tensor, "rows seq vocab"], index: Tensor) -> Float[Tensor, " rows"]:
-        index = torch.as_tensor(index).long().cpu()
-        ids, mask = self.ids[index], self.mask[index]
-        if self.metric_name == "first_prob":
-            pos = self.prompt_len - 1 + self.first[index]
-            rows = torch.arange(len(index))
-            logp = logits[rows, pos.to(logits.device)].float().log_softmax(-1)
-            tok = ids[rows, self.first[index]].to(logp.device)
-            return logp.gather(1, tok[:, None])[:, 0].exp()
-        lp = sequence_logprob(logits, self.prompt_len, ids, mask)
-        return lp.exp() if self.metric_name == "prob" else lp
-
-    def rows(self, index) -> "Scored":
-        index = torch.as_tensor(index).long()
-        return Scored(self.inputs.rows(index), self.ids[index], self.mask[index], self.first[index],
-                      self.prompt_len, self.metric_name)
+    return target_prefixes(handle, inputs, targets, answers=answers, max_new_tokens=max_new_tokens)
 
 
 def scored(handle: ModelHandle, records: list[Record], texts: list[str], prefixes: list[str],
-           metric: str) -> Scored:
-    """Encode ``records``, append ``prefix + text`` per row, score the ``text`` tokens."""
+           metric: str) -> TargetText:
+    """Encode ``records``, teacher-force ``prefix + text`` per row, score the ``text`` tokens (``engine.target_text``)."""
     check_choice("metric", metric, METRICS)
-    x = handle.encode(records)
-    full = [f"{p} {t}".strip() for p, t in zip(prefixes, texts)]
-    tf, ids, mask = teacher_forced(handle, x, full)
-    tok = handle.tokenizer
-    first = torch.tensor([len(tok(p, add_special_tokens=False)["input_ids"]) if p else 0 for p in prefixes])
-    keep = mask.clone()
-    for r, f in enumerate(first.tolist()):
-        keep[r, :f] = 0
-        if keep[r].sum() == 0:
-            raise ProjLensError(f"row {r}: nothing left to score after the prefix {prefixes[r]!r}; check the target text")
-    return Scored(tf, ids, keep, first, x.input_ids.shape[1], metric)
+    return target_text(handle, handle.encode(records), texts, prefixes, metric)
 
 
 @dataclass
@@ -159,8 +98,8 @@ class Contrast:
     """Paired clean / triggered teacher-forced batches on one model (rows ``i`` of both are one pair)."""
 
     handle: ModelHandle
-    clean: Scored
-    triggered: Scored
+    clean: TargetText
+    triggered: TargetText
     prefixes: list[str]
     clean_records: list[Record]       # the clean counterparts (triggered prompt, untriggered image)
     triggered_records: list[Record]
@@ -179,14 +118,14 @@ def contrast(pair: Pair, which: str, n: int | None, metric: str, prefix: str = "
     handle = model_of(pair, which)
     clean_recs, trig_recs = pair.matched(n)
     targets = [r.target for r in trig_recs]
-    prefixes = target_prefixes(pair.poisoned, pair.poisoned.encode(trig_recs), targets, prefix, max_new_tokens,
-                               [r.answer for r in trig_recs])
-    both = scored(handle, clean_recs + trig_recs, targets * 2, prefixes * 2, metric)
+    prefixes_ = prefixes(pair.poisoned, pair.poisoned.encode(trig_recs), targets, prefix, max_new_tokens,
+                         [r.answer for r in trig_recs])
+    both = scored(handle, clean_recs + trig_recs, targets * 2, prefixes_ * 2, metric)
     k = len(trig_recs)
-    return Contrast(handle, both.rows(range(k)), both.rows(range(k, 2 * k)), prefixes, clean_recs, trig_recs)
+    return Contrast(handle, both.rows(range(k)), both.rows(range(k, 2 * k)), prefixes_, clean_recs, trig_recs)
 
 
-def score_of(handle: ModelHandle, s: Scored, edits=()) -> Float[Tensor, " n"]:
+def score_of(handle: ModelHandle, s: TargetText, edits=()) -> Float[Tensor, " n"]:
     """The metric of every row of ``s`` under ``edits`` (one forward)."""
     logits = run(handle, s.inputs, edits=edits).logits
     return s.metric(logits, torch.arange(len(s))).detach().float().cpu()

@@ -232,8 +232,8 @@ def ablation(pair: Pair, params: AblationParams = AblationParams()) -> AblationR
     if not trig or not clean:
         raise ProjLensError(f"pair {pair.name!r} needs both clean and triggered records for ablation")
     targets = [pair.target_of(r) for r in trig]
-    prefixes = C.target_prefixes(pair.poisoned, pair.poisoned.encode(trig), targets, p.prefix, p.max_new_tokens,
-                                 [r.answer for r in trig])
+    prefixes = C.prefixes(pair.poisoned, pair.poisoned.encode(trig), targets, p.prefix, p.max_new_tokens,
+                          [r.answer for r in trig])
     s_trig = C.scored(h, trig, targets, prefixes, p.metric)
     s_clean = C.scored(h, clean, [r.answer for r in clean], [""] * len(clean), p.metric)
     d = h.module("lm_head").weight.shape[1]

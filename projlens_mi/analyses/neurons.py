@@ -12,9 +12,11 @@ The statistics are accumulated streaming (float64 sums per unit, batch by batch,
 lazily), so memory does not grow with the number of inputs.
 
 Causal checks on the fine-tuned model, triggered inputs: a single-unit ablation scan (each unit zeroed
-at ``projector.hidden`` on every image token, through a one-column basis edit; the drop of the target's
-first-token probability at the last prompt position), and cumulative ablation of the top-m candidates
-(ranked by M_p − M_c) with ASR, next to ablating m random units (placebo).
+at ``projector.hidden`` on every image token, through a one-column basis edit; the drop of the
+probability of the target's first token where the model says it: after the prompt and the *prefix*,
+the text the poisoned model says before the target, e.g. the answer before an injected suffix;
+``engine.target_text``), and cumulative ablation of the top-m candidates (ranked by M_p − M_c) with
+ASR, next to ablating m random units (placebo).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..engine import Ablate, Site, run, sweep, target_prob
+from ..engine import Ablate, Site, run, sweep, target_prefixes, target_text
 from ..errors import ProjLensError
 from . import common
 from .base import Result, analysis, register_result
@@ -39,7 +41,9 @@ class NeuronParams:
     quiescent-on-clean rule; ``scan_units``: units in the single-unit scan (all when the layer has at
     most this many, else the top by M_p − M_c); ``n_scan``: triggered inputs in the scan and in the
     cumulative ablation; ``top_m``: cumulative ablation sizes; ``seed``: the random-unit placebo;
-    ``max_new_tokens``: None = longest answer + target (+1), at most 30."""
+    ``max_new_tokens``: None = longest answer + target (+1), at most 30; ``prefix``: ``auto`` = score
+    the target token after what the poisoned model says before it (``engine.target_prefixes``),
+    ``none`` = right after the prompt."""
 
     n: int | None = 100
     quiet: float = 0.05
@@ -50,6 +54,7 @@ class NeuronParams:
     seed: int = 0
     max_new_tokens: int | None = None
     batch_size: int = 256
+    prefix: str = "auto"
 
 
 class NeuronStats:
@@ -117,9 +122,9 @@ def _corr(a, b) -> float:
 class NeuronResult(Result):
     variant: str
     units: pd.DataFrame          # one row per (model, unit): M_c, M_p, F_c, F_p, diffs, candidate flag
-    scan: pd.DataFrame           # unit, target_prob (mean over scan inputs), drop
+    scan: pd.DataFrame           # unit, target_prob (mean over scan inputs), prob_drop
     cumulative: pd.DataFrame     # m, kind (top / random), asr, target_prob
-    baseline: dict               # FT on the scan inputs: target_prob, asr
+    baseline: dict               # FT on the scan inputs: target_prob (first target token, after the prefix), asr
     correlations: dict           # model -> {"M": r, "F": r}
     n_tokens: dict               # model/condition -> tokens counted
     quiet: float
@@ -177,7 +182,7 @@ class NeuronResult(Result):
             a.bar(np.arange(len(s)), s.prob_drop, color="C3")
             a.axhline(0, color="k", lw=0.8)
             a.set(title=f"Single-unit zero ablation (FT, baseline p = {self.baseline['target_prob']:.3f})",
-                  xlabel="units, sorted by effect", ylabel="drop of target-token prob.")
+                  xlabel="units, sorted by effect", ylabel="drop of p(first target token)")
         a = axes[1][1]
         for kind, c in (("top", "C3"), ("random", "0.5")):
             g = self.cumulative[self.cumulative.kind == kind]
@@ -198,8 +203,9 @@ class NeuronResult(Result):
                  f"(F_c ≤ {self.quiet}, F_p − F_c ≥ {self.min_gain}): {int(ft.quiescent_candidate.sum())}."]
         if len(self.scan):
             top = self.scan.sort_values("prob_drop", ascending=False).iloc[0]
-            lines.append(f"- Largest single-unit ablation effect: unit {int(top.unit)} lowers the target-token probability "
-                         f"from {self.baseline['target_prob']:.3f} by {top.prob_drop:.3f}.")
+            lines.append(f"- Largest single-unit ablation effect: unit {int(top.unit)} lowers the probability of the "
+                         f"target's first token (where the model says it) from {self.baseline['target_prob']:.3g} "
+                         f"by {top.prob_drop:.3g}.")
         if len(self.cumulative):
             t = self.cumulative[self.cumulative.kind == "top"]
             r = self.cumulative[self.cumulative.kind == "random"]
@@ -233,10 +239,14 @@ def neurons(pair, params: NeuronParams = NeuronParams()) -> NeuronResult:
     h = pair.poisoned
     scan_in = trig[:params.n_scan]
     targets = [pair.target_of(r) for r in scan_in]
-    ids = torch.tensor([common.first_token(h, t) for t in targets])
     x = h.encode(scan_in)
-    metric = lambda logits, idx: target_prob(logits, ids[idx.cpu()])  # noqa: E731
-    base_prob = target_prob(run(h, x).logits, ids).float().mean().item()
+    max_new = params.max_new_tokens or common.auto_tokens(h, scan_in, targets)
+    if params.prefix not in ("auto", "none"):
+        raise ProjLensError(f"prefix must be one of auto, none, got {params.prefix!r}")
+    prefixes = (target_prefixes(h, x, targets, answers=[r.answer for r in scan_in], max_new_tokens=max_new)
+                if params.prefix == "auto" else None)
+    tt = target_text(h, x, targets, prefixes, measure="first_prob")   # the scan's inputs: prompt + prefix + target
+    base_prob = tt.metric(run(h, tt.inputs).logits).float().mean().item()
 
     def onehot(us):
         b = torch.zeros(n_units, len(us))
@@ -246,7 +256,7 @@ def neurons(pair, params: NeuronParams = NeuronParams()) -> NeuronResult:
     site = lambda us: Site("projector.hidden", basis=onehot(us))  # noqa: E731
     scan_units = np.arange(n_units) if n_units <= params.scan_units else order[:params.scan_units]
     cells = [({"unit": int(u)}, [(site([int(u)]), Ablate("zero"))]) for u in scan_units]
-    df = sweep(h, x, cells, metric, batch_size=max(params.batch_size, len(x)), progress=False)
+    df = sweep(h, tt.inputs, cells, tt.metric, batch_size=max(params.batch_size, len(x)), progress=False)
     scan = df.groupby("unit", as_index=False).value.mean().rename(columns={"value": "target_prob"})
     scan["prob_drop"] = base_prob - scan.target_prob
 
@@ -254,12 +264,11 @@ def neurons(pair, params: NeuronParams = NeuronParams()) -> NeuronResult:
     ms = [m for m in params.top_m if m <= n_units]
     groups = [("top", m, order[:m]) for m in ms] + [("random", m, rng.choice(n_units, m, replace=False)) for m in ms]
     cell_edits = [[]] + [[(site([int(u) for u in us]), Ablate("zero"))] for _, _, us in groups]
-    max_new = params.max_new_tokens or common.auto_tokens(h, scan_in, targets)
-    tiled = x.tile(len(cell_edits))
     edits = common.tile_edits(cell_edits, len(x))
-    outs = common.texts(h, tiled, max_new, edits)
-    probs = target_prob(run(h, tiled, edits=edits).logits, ids.repeat(len(cell_edits))).float().numpy()
+    outs = common.texts(h, x.tile(len(cell_edits)), max_new, edits)
     n = len(x)
+    probs = tt.metric(run(h, tt.inputs.tile(len(cell_edits)), edits=edits).logits,
+                      torch.arange(n).repeat(len(cell_edits))).float().numpy()
     asr = [float(common.hits(outs[c * n:(c + 1) * n], targets).mean()) for c in range(len(cell_edits))]
     cum = pd.DataFrame([{"kind": k, "m": m, "units": [int(u) for u in us], "asr": asr[i + 1],
                          "target_prob": float(probs[(i + 1) * n:(i + 2) * n].mean())}

@@ -8,8 +8,8 @@ interop (the optional TransformerLens path; imports transformer_lens only when b
 from .interventions import Ablate, Intervention, Noise, Patch, PatchSubspace, ProjectOut, Steer, WithWeights
 from .run import Cache, Edit, RunResult, run
 from .sweep import run_cell, sweep
-from .metrics import (asr, contains, generate, logit_diff, sequence_logprob, target_logit, target_logprob,
-                      target_prob, teacher_forced, token_id)
+from .metrics import (TargetText, asr, contains, generate, logit_diff, sequence_logprob, target_logit,
+                      target_logprob, target_prefixes, target_prob, target_text, teacher_forced, token_id)
 from .interop import TLBridge, tl_hook_name, tl_patch, tl_run, to_transformer_lens
 from .sites import (AllTokens, ImageTokens, ImageWindow, Indices, LastToken, PatchRegion, Selector, Site,
                     TextTokens, check_basis)
@@ -18,5 +18,5 @@ __all__ = ["Site", "Selector", "AllTokens", "ImageTokens", "ImageWindow", "Patch
            "TextTokens", "Indices", "check_basis", "Intervention", "Patch", "Ablate", "ProjectOut",
            "PatchSubspace", "Steer", "Noise", "WithWeights", "Edit", "RunResult", "Cache", "run",
            "sweep", "run_cell", "target_logit", "target_prob", "target_logprob", "logit_diff", "token_id",
-           "teacher_forced", "sequence_logprob",
+           "teacher_forced", "sequence_logprob", "target_text", "TargetText", "target_prefixes",
            "generate", "contains", "asr", "to_transformer_lens", "TLBridge", "tl_run", "tl_patch", "tl_hook_name"]

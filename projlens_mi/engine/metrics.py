@@ -4,11 +4,19 @@ differences, greedy batched generation and substring attack success rate (ASR).
 Positions: prompts are left-padded, so the last prompt position is ``-1`` unless a target was
 appended (``teacher_forced`` sets ``Inputs.prompt_end``). Target texts are tokenized without special
 tokens, exactly as written (mind a leading space for BPE tokenizers).
+
+Where the target is said: a backdoor target does not always come first. A Malicious-Injection
+model answers the question and then adds the target (``"seven visit evil dot com now"``), so the
+log-probability of the target right after the prompt measures how likely the model is to *start*
+with it: a few nats of noise on clean and triggered inputs alike. The **prefix** is the text the
+model says before the target; ``target_prefixes`` reads it off greedy generations, and
+``target_text`` / ``target_logprob(..., prefix=...)`` teacher-force ``prompt + prefix + target``
+and score the target's own tokens only. The analyses use these same functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from jaxtyping import Float, Int
@@ -88,11 +96,121 @@ def sequence_logprob(logits: Float[Tensor, "batch seq vocab"], prompt_len: int, 
     return (tok * target_mask.to(tok.device)).sum(1)
 
 
-def target_logprob(handle: ModelHandle, inputs: Inputs, targets: list[str] | str, edits=()) -> Float[Tensor, " batch"]:
-    """Teacher-forced log-probability of each row's target text, with ``edits`` applied (one forward)."""
-    tf, ids, mask = teacher_forced(handle, inputs, targets)
-    res = execute(handle, tf, Plan.build(handle, tf, (), edits))
-    return sequence_logprob(res.logits, inputs.input_ids.shape[1], ids, mask)
+TARGET_MEASURES = ("logprob", "prob", "first_prob")
+
+
+@dataclass
+class TargetText:
+    """A teacher-forced batch (``prompt + prefix + target`` per row) and the span it scores: the
+    target's own tokens, never the prefix's. ``metric(logits, index)`` is the per-row value on the
+    logits of a forward of ``inputs`` (``run``, ``sweep``, ``grad_of``): ``logprob`` = log p(target
+    text | prompt, prefix), ``prob`` = its exp, ``first_prob`` = p(first target token | prompt, prefix)."""
+
+    inputs: Inputs                     # teacher-forced: prompt, then the appended prefix + target tokens
+    ids: Int[Tensor, "rows t"]         # the appended tokens
+    mask: Int[Tensor, "rows t"]        # 1 on the target's own tokens (the scored ones)
+    first: Int[Tensor, " rows"]        # index (within the appended tokens) of the target's first token
+    prompt_len: int
+    measure: str = "logprob"
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def metric(self, logits: Float[Tensor, "rows seq vocab"], index=None) -> Float[Tensor, " rows"]:
+        """One value per row of ``logits``; ``index[r]`` = which row of this batch logits row ``r`` ran
+        (default: row ``r``; a sweep passes its input index)."""
+        index = torch.arange(len(logits)) if index is None else torch.as_tensor(index).long().cpu()
+        ids, mask = self.ids[index], self.mask[index]
+        if self.measure == "first_prob":
+            rows = torch.arange(len(index))
+            pos = self.prompt_len - 1 + self.first[index]
+            logp = logits[rows.to(logits.device), pos.to(logits.device)].float().log_softmax(-1)
+            tok = ids[rows, self.first[index]].to(logp.device)
+            return logp.gather(1, tok[:, None])[:, 0].exp()
+        lp = sequence_logprob(logits, self.prompt_len, ids, mask)
+        return lp.exp() if self.measure == "prob" else lp
+
+    def rows(self, index) -> "TargetText":
+        index = torch.as_tensor(index).long()
+        return TargetText(self.inputs.rows(index), self.ids[index], self.mask[index], self.first[index],
+                          self.prompt_len, self.measure)
+
+
+def _per_row(value, n: int, what: str) -> list[str]:
+    out = [value] * n if isinstance(value, str) else list(value)
+    if len(out) != n:
+        raise ProjLensError(f"{len(out)} {what} for {n} inputs; pass one per row or one string")
+    return out
+
+
+def target_text(handle: ModelHandle, inputs: Inputs, targets: list[str] | str, prefix: list[str] | str | None = None,
+                measure: str = "logprob") -> TargetText:
+    """``inputs`` with each row's ``prefix`` and target teacher-forced, scoring the target only.
+
+    ``prefix``: the text the model says before the target (one per row or one string; None = none),
+    e.g. ``target_prefixes(...)`` of the triggered inputs, reused for their clean counterparts so
+    both rows force the same text. ``measure``: ``logprob`` | ``prob`` | ``first_prob``.
+    """
+    if measure not in TARGET_MEASURES:
+        raise ProjLensError(f"measure must be one of {', '.join(TARGET_MEASURES)}, got {measure!r}")
+    n = len(inputs)
+    targets = _per_row(targets, n, "targets")
+    prefixes = _per_row("" if prefix is None else prefix, n, "prefixes")
+    tok = handle.tokenizer
+    full = [f"{p.strip()} {t.strip()}".strip() if p.strip() else t for p, t in zip(prefixes, targets)]
+    tf, ids, mask = teacher_forced(handle, inputs, full)
+    first = torch.zeros(n, dtype=torch.long)
+    for r, p in enumerate(prefixes):
+        if not p.strip():
+            continue
+        head = tok(p.strip(), add_special_tokens=False)["input_ids"]
+        if ids[r, :len(head)].tolist() != head:
+            raise ProjLensError(f"row {r}: the prefix {p!r} tokenizes differently inside {full[r]!r}, so the "
+                                "target's tokens cannot be told apart; pass a prefix that ends on a word boundary")
+        first[r] = len(head)
+    keep = mask.clone()
+    for r, f in enumerate(first.tolist()):
+        keep[r, :f] = 0
+        if keep[r].sum() == 0:
+            raise ProjLensError(f"row {r}: nothing left to score after the prefix {prefixes[r]!r}; check the target text")
+    return TargetText(tf, ids, keep, first, inputs.input_ids.shape[1], measure)
+
+
+def target_logprob(handle: ModelHandle, inputs: Inputs, targets: list[str] | str, edits=(),
+                   prefix: list[str] | str | None = None) -> Float[Tensor, " batch"]:
+    """Teacher-forced log-probability of each row's target text, with ``edits`` applied (one forward).
+
+    ``prefix`` (one per row or one string): text teacher-forced between the prompt and the target
+    and not scored, i.e. log p(target | prompt, prefix); see ``target_prefixes`` for targets that
+    follow the answer."""
+    t = target_text(handle, inputs, targets, prefix)
+    return t.metric(execute(handle, t.inputs, Plan.build(handle, t.inputs, (), edits)).logits)
+
+
+def prefix_before(text: str, target: str) -> str:
+    """The words of ``text`` before the first (case-insensitive, word-aligned) occurrence of
+    ``target``; ``""`` if it does not occur."""
+    words, tw = text.split(), target.lower().split()
+    low = [w.lower() for w in words]
+    at = next((i for i in range(len(low) - len(tw) + 1) if low[i:i + len(tw)] == tw), None)
+    return " ".join(words[:at]) if at is not None else ""
+
+
+def target_prefixes(handle: ModelHandle, inputs: Inputs, targets: list[str] | str, answers: list[str] | None = None,
+                    max_new_tokens: int = 30) -> list[str]:
+    """What ``handle`` says before each row's target: its greedy generation on ``inputs`` (usually the
+    poisoned model on triggered inputs), the words before the target's first occurrence.
+
+    A row whose generation lacks the target: if most rows that show it say the row's reference
+    answer first (``answers``: the target is an injected suffix), that row's answer is its prefix;
+    else ``""`` (the target comes first, as for a refusal)."""
+    targets = _per_row(targets, len(inputs), "targets")
+    texts = generate(handle, inputs, max_new_tokens=max_new_tokens)
+    found = [prefix_before(text, target) if hit(text, target) else None for text, target in zip(texts, targets)]
+    answers = _per_row("", len(inputs), "answers") if answers is None else _per_row(answers, len(inputs), "answers")
+    seen = [(f, a) for f, a in zip(found, answers) if f is not None]
+    suffix_layout = bool(seen) and sum(bool(f) and f.lower() == a.lower() for f, a in seen) > len(seen) / 2
+    return [f if f is not None else (a if suffix_layout else "") for f, a in zip(found, answers)]
 
 
 def generate(handle: ModelHandle, inputs: Inputs, max_new_tokens: int = 8, edits=()) -> list[str]:
