@@ -195,6 +195,32 @@ def report_cmd(out: Path = typer.Argument(..., help="A study's report folder."))
 
 
 @app.command()
+def verify(
+    out: Path = typer.Argument(..., help="A study's report folder (metrics.json, provenance.json, .steps/)."),
+    steps: Optional[list[str]] = typer.Option(None, "--steps", help="Re-compute only these steps (a step id such as "
+                                              "evaluate/PAIR, or a prefix such as analysis/spectrum); repeatable."),
+    flips: int = typer.Option(0, "--flips", help="Flipped samples tolerated in each generation-based rate."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Re-compute into this new folder and keep it "
+                                        "(default: a temporary folder, removed)."),
+    all_rows: bool = typer.Option(False, "--all", help="List every number that changed, not only the largest."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress while re-computing."),
+):
+    """Re-compute a study's steps beside it and compare every number of metrics.json (docs/verify.md).
+
+    Exit 0: every number within its tolerance and no verdict changed; 1: something moved, or the
+    inputs changed; 2: not a study folder, unreadable metrics/config, or an unknown step."""
+    _quiet_hf()
+    from .study.verify import verify as run_verify
+    try:
+        result = run_verify(out, steps=steps, flips=flips, work=work,
+                            log=None if quiet else (lambda m: typer.echo(m, err=True)))
+    except ProjLensError as err:
+        _fail(err)
+    typer.echo(result.text(all_rows=all_rows))
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(DEFAULT_DEMO_OUT, "--out", help="Report folder of the quickstart study."),
     organism: Path = typer.Option(DEFAULT_ORGANISM, "--organism", help="Where the organism is built / cached."),

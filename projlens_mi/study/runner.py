@@ -68,13 +68,19 @@ def apply_trigger(records: list[Record], trigger, seed: int) -> list[Record]:
     return clean + trig
 
 
+def pair_data_file(cfg: StudyConfig, spec: PairSpec) -> str:
+    """The JSONL a pair reads: the study's ``data.file``, or the organism's file for the variant."""
+    if spec.data_file is not None:
+        return spec.data_file
+    summary = json.loads((Path(cfg.model.organism) / "organism.json").read_text())
+    return str(Path(cfg.model.organism) / summary["data"][spec.variant])
+
+
 def pair_data(cfg: StudyConfig, spec: PairSpec) -> tuple[list[Record], str]:
     target = spec.target
-    if spec.data_file is not None:
-        records = read_jsonl(spec.data_file)
-    else:
+    records = read_jsonl(pair_data_file(cfg, spec))
+    if spec.data_file is None:
         summary = json.loads((Path(cfg.model.organism) / "organism.json").read_text())
-        records = read_jsonl(Path(cfg.model.organism) / summary["data"][spec.variant])
         target = target or summary["targets"][spec.variant]
     if cfg.backdoor.trigger is not None:
         records = apply_trigger(records, make_trigger(cfg), cfg.data.seed)
