@@ -128,11 +128,14 @@ def _model_files(source: str, cfg, memo: dict) -> dict:
                       for f in [*weights, *others]}}
 
 
-def inputs(cfg) -> dict:
-    """What the numbers are computed from: every model's files (hashed) and every data file (with its images)."""
+def inputs(cfg, fresh: bool = False) -> dict:
+    """What the numbers are computed from: every model's files (hashed) and every data file (with its images).
+
+    ``fresh``: read every file again (``projlens verify``) instead of trusting the hash memo, which is
+    keyed on path, size and modification time."""
     from .runner import pair_data_file
     from .steps import _load_memo, _save_memo, data_fingerprint, organism_key, pairs_of
-    memo = _load_memo()
+    memo = {} if fresh else _load_memo()
     models, data = {}, {}
     for p in pairs_of(cfg):
         for role in ("base", "poisoned", "control"):
@@ -149,7 +152,8 @@ def inputs(cfg) -> dict:
                 data[file] = data_fingerprint(file, memo)
             except (OSError, ValueError) as err:
                 data[file] = f"unreadable: {type(err).__name__}: {err}"
-    _save_memo(memo)
+    if not fresh:
+        _save_memo(memo)
     out = {"models": models, "data": data}
     if cfg.is_organism:
         try:

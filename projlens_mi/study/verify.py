@@ -263,7 +263,7 @@ def input_changes(prov: dict, cfg) -> tuple[list[str], str]:
     stored = prov.get("inputs")
     if not isinstance(stored, dict):
         return changes, "inputs: no hashes recorded in provenance.json (a study run before they were); not checked"
-    now = provenance.inputs(cfg)
+    now = provenance.inputs(cfg, fresh=True)
     for folder, rec in (stored.get("models") or {}).items():
         cur = now["models"].get(folder)
         if cur is None:
