@@ -30,15 +30,11 @@ import json
 import math
 import shutil
 import tempfile
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ProjLensError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover  (Python 3.10)
-    import tomli as tomllib
 
 SAFETY = 10.0
 UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float64": 2.0 ** -53}
