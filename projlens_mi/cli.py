@@ -98,9 +98,13 @@ app.add_typer(study_app, name="study")
 def shipped_study(name: str) -> Path:
     """A study config shipped with the package (``studies/`` installs as ``projlens_mi.studies``)."""
     from importlib import resources
-    path = Path(str(resources.files("projlens_mi.studies") / name))
-    if not path.is_file():
-        raise ProjLensError(f"the package has no studies/{name} ({path}); reinstall projlens_mi")
+    try:
+        path = Path(str(resources.files("projlens_mi.studies") / name))
+    except ModuleNotFoundError:   # an editable install made before studies/ was package data
+        path = None
+    if path is None or not path.is_file():
+        raise ProjLensError(f"this installation of projlens_mi lacks studies/{name}; reinstall it "
+                            "(`pip install -e .` in a checkout)")
     return path
 DEFAULT_DEMO_OUT = Path("projlens-demo")
 
