@@ -155,3 +155,17 @@ def test_missing_transformer_lens_is_a_one_line_error(monkeypatch):
     model, processor = tiny_llava()
     with pytest.raises(ProjLensError, match=r"pip install 'projlens_mi\[tl\]'"):
         to_transformer_lens(pl.load(model, processor=processor))
+
+
+def test_attention_pattern_through_tl_equals_the_engine(setup):
+    """TL's get_act_name("pattern", 1) is a site; the bridge (eager) gives the engine's eager read."""
+    from transformer_lens.utilities import get_act_name
+    _, handle, tl, inputs, _ = setup
+    name = get_act_name("pattern", 1)
+    assert tl_hook_name(name) == name == "blocks.1.attn.hook_pattern"
+    _, cache = tl.run_with_cache(inputs, read=[name])
+    with pl.eager_attention(handle):
+        ours = run(handle, inputs, read=["llm.1.pattern"]).cache["llm.1.pattern"]
+    real = inputs.attention_mask.bool()
+    assert cache[name].shape == ours.shape
+    torch.testing.assert_close(cache[name].permute(0, 2, 1, 3)[real], ours.permute(0, 2, 1, 3)[real], **TOL)

@@ -51,6 +51,7 @@ TL_HOOKS = {
     "attn_out": "blocks.{i}.hook_attn_out",
     "mlp_out": "blocks.{i}.hook_mlp_out",
     "resid_post": "blocks.{i}.hook_resid_post",
+    "pattern": "blocks.{i}.attn.hook_pattern",   # the bridge always runs eager attention
 }
 
 _TRAP = ("TransformerLens' patching helpers and run_with_hooks(tokens) drop pixel_values silently (the "
@@ -124,6 +125,11 @@ class TLBridge:
     bridge: object
     handle: ModelHandle
     copied: bool
+
+    def __repr__(self) -> str:
+        return (f"TLBridge({type(self.bridge).__name__} over {type(self.handle.model).__name__}, "
+                f"family={self.handle.adapter.family!r}, layers={self.handle.n_layers}, "
+                f"{'a deep copy' if self.copied else 'the handle model itself'})")
 
     def hook_name(self, site) -> str:
         name = tl_hook_name(site, self.handle.n_layers)
@@ -218,7 +224,7 @@ def tl_run(tl: TLBridge, inputs: Inputs, read=(), edits=()) -> RunResult:
         raise ProjLensError(f"tl_run needs the TLBridge from to_transformer_lens(handle), got {type(tl).__name__}")
     _check_multimodal(inputs, "tl_run")
     handle = tl.handle
-    plan = Plan.build(handle, inputs, read, edits)
+    plan = Plan.build(handle, inputs, read, edits, attention="eager")   # TL boots the bridge with eager attention
     for _, point, point_edits, _ in plan.steps:
         if point.startswith("linear:") or any(isinstance(e.intervention, WithWeights) for e in point_edits):
             raise ProjLensError("WithWeights is not available on the TransformerLens path (the bridge wraps the "

@@ -60,7 +60,13 @@ def _generator(seed: int, device) -> torch.Generator:
 
 
 class Intervention:
-    """Base class. ``cross_row`` = the result of one row depends on other rows of the same edit."""
+    """Base class of every edit's "what": subclass it (a frozen dataclass) and write ``apply``.
+
+    ``apply(act, source=None)`` gets the selected activations of the edited rows ``[rows, k, d]``
+    and returns a new tensor of that shape (never writing ``act``). ``cross_row = True`` says the
+    result of one row depends on other rows of the same edit. ``source`` / ``source_row``: what a
+    patch copies from (the engine aligns it to ``act`` and passes it as ``source``).
+    """
 
     cross_row: bool = False
     source = None
@@ -173,6 +179,29 @@ class Noise(Intervention):
     def apply(self, act, source=None):
         noise = torch.randn(act.shape, generator=_generator(self.seed, "cpu"), dtype=torch.float32)
         return act + self.std * _like(noise, act)
+
+
+@dataclass(frozen=True, eq=False)
+class Hook(Intervention):
+    """Any function of the selected activations: ``fn(act [rows, k, d]) -> [rows, k, d]`` (TransformerLens'
+    hook function, without the ``hook`` argument). ``fn`` must not write ``act``; set ``cross_row=True``
+    when a row's result depends on other rows (a sweep then keeps a cell's inputs in one pass).
+    For parameters or a patch source, subclass ``Intervention`` instead (docs/engine.md)."""
+
+    fn: object
+    cross_row: bool = False
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise ProjLensError(f"Hook needs a function act -> act, got {type(self.fn).__name__}")
+
+    def apply(self, act, source=None):
+        out = self.fn(act)
+        if not isinstance(out, Tensor) or out.shape != act.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ProjLensError(f"Hook {getattr(self.fn, '__name__', self.fn)!r} returned {got}; it must return a "
+                                f"tensor shaped like its input {tuple(act.shape)} [rows, k, d]")
+        return out
 
 
 @dataclass(frozen=True, eq=False)

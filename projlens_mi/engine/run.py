@@ -32,7 +32,8 @@ from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
 from ..model.placement import weight_of
 from .interventions import Intervention, WithWeights, project
-from .sites import IMAGE_POINTS, AllTokens, Site, TokenContext, as_site, canonical, check_basis, order_key
+from .sites import (IMAGE_POINTS, AllTokens, Site, TokenContext, as_site, canonical, check_basis, is_pattern,
+                    order_key)
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,7 +132,8 @@ class Plan:
     grads: bool = False
 
     @classmethod
-    def build(cls, handle: ModelHandle, inputs: Inputs, read, edits, grads=False) -> "Plan":
+    def build(cls, handle: ModelHandle, inputs: Inputs, read, edits, grads=False, attention: str | None = None) -> "Plan":
+        """``attention``: the kernel the pass will run (default: the handle's; the TransformerLens bridge: eager)."""
         n, a = handle.n_layers, handle.adapter
         read = [as_site(s) for s in read]
         edits = [as_edit(e) for e in edits]
@@ -148,11 +150,23 @@ class Plan:
             if e.site.point == "vision.out":
                 raise ProjLensError("vision.out is read-only (the projector reads the tower's hidden states); "
                                     "edit projector.in instead")
+            if is_pattern(e.site.point):
+                raise ProjLensError(f"{e.site.point} is read-only (the pattern is formed inside the attention "
+                                    f"function, after which nothing reads it); edit llm.{e.site.layer}.attn_out or "
+                                    "the residual stream, or use TransformerLens' hook_pattern (engine.interop)")
             by_point.setdefault(e.site.point, ([], []))[0].append(e)
         if grads and "vision.out" in by_point:
             raise ProjLensError("gradients are not taken at vision.out (read-only); use projector.in, which the "
                                 "projector reads from the tower")
         for point in by_point:
+            if is_pattern(point):
+                if grads:
+                    raise ProjLensError(f"gradients are not taken at {point} (read-only: nothing downstream reads "
+                                        "the returned pattern); take them at attn_out or the residual stream")
+                impl = attention or attention_implementation(handle)
+                if impl != "eager":
+                    raise ProjLensError(f"{point} needs eager attention, but the model runs {impl!r}, which never "
+                                        "forms the pattern; read it inside `with projlens_mi.eager_attention(handle):`")
             if point == "projector.hidden" and a.projector_hidden is None:
                 raise ProjLensError(f"{a.family} has no projector.hidden (its projector has no nonlinearity in "
                                     f"{a.source}); use projector.in or projector.out")
@@ -301,6 +315,33 @@ def exclusive(handle: ModelHandle):
             tl.depth -= 1
 
 
+def attention_implementation(handle: ModelHandle) -> str:
+    """The attention kernel the LM's layers run (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, ...)."""
+    return handle.model.config.get_text_config()._attn_implementation
+
+
+@contextlib.contextmanager
+def eager_attention(handle: ModelHandle):
+    """Run the LM's attention as ``eager`` inside the block, the one kernel that forms the pattern.
+
+    ``llm.{i}.pattern`` sites are read only under eager attention. The switch covers the language
+    model only (the vision tower keeps its kernel) and is undone on exit. Eager and sdpa agree to
+    float rounding, not bit for bit: logits in the block differ from the same run outside it by
+    ~1e-7 (float32, CPU; measured in tests/test_engine_pattern.py).
+    """
+    model, cfg = handle.model, handle.model.config
+    before = attention_implementation(handle)
+    text = cfg.get_text_config()
+    key = next((k for k in getattr(cfg, "sub_configs", {}) if getattr(cfg, k, None) is text), None)
+    spec = (lambda impl: {key: impl}) if key else (lambda impl: impl)
+    with exclusive(handle):
+        model.set_attn_implementation(spec("eager"))
+        try:
+            yield handle
+        finally:
+            model.set_attn_implementation(spec(before))
+
+
 def _reset_interleaver(env) -> None:
     """Drop what a previous trace left on ``env``'s interleaver (no trace of this model is running)."""
     inter = getattr(env, "interleaver", None)
@@ -333,6 +374,11 @@ def _drive_points(handle, inputs, plan, state, prefix=0):
         raw = getattr(env_mod, attr)
         tuple_out = isinstance(raw, tuple)
         act = raw[0] if tuple_out else raw
+        if is_pattern(point):
+            act = raw[1] if tuple_out and len(raw) > 1 else None
+            if act is None:
+                raise ProjLensError(f"{point}: the attention module returned no pattern (family "
+                                    f"{handle.adapter.family}); only eager attention forms it")
         if point == "vision.out":
             act = act.last_hidden_state if hasattr(act, "last_hidden_state") else act[0]
         ctx = _context(handle, point, act, inputs, order, prefix)
@@ -379,7 +425,7 @@ def _accessor(handle: ModelHandle, point: str):
         return handle.envoy_module(layer), "input"
     if kind == "resid_post":
         return handle.envoy_module(layer), "output"
-    sub = a.attn if kind == "attn_out" else a.mlp
+    sub = a.attn if kind in ("attn_out", "pattern") else a.mlp
     if sub is None:
         raise ProjLensError(f"{a.family}: no [layer] {kind[:-4]} path in {a.source}; {point} is unavailable")
     return handle.envoy_module(f"{layer}.{sub}"), "output"

@@ -3,9 +3,13 @@
 Conventions (everything else in the engine follows them):
 
 * A **point** is a canonical name: ``vision.out``, ``projector.in``, ``projector.hidden``,
-  ``projector.out``, ``llm.embed``, ``llm.{i}.resid_pre``, ``llm.{i}.attn_out``,
+  ``projector.out``, ``llm.embed``, ``llm.{i}.resid_pre``, ``llm.{i}.pattern``, ``llm.{i}.attn_out``,
   ``llm.{i}.mlp_out``, ``llm.{i}.resid_post``, ``logits``. TransformerLens spellings
-  (``blocks.{i}.hook_resid_post``, ``vision_projector.hook_out``, ...) are accepted and mapped.
+  (``blocks.{i}.hook_resid_post``, ``blocks.{i}.attn.hook_pattern``, ``vision_projector.hook_out``,
+  ...) are accepted and mapped.
+* ``llm.{i}.pattern`` is the attention pattern (post-softmax weights) ``[batch, heads, query, key]``,
+  read whole (no selector, no basis), read-only, and only under eager attention (sdpa and flash
+  kernels never form it): see ``run.eager_attention``.
 * Every activation is viewed as ``[rows, tokens, d]``. At LLM points tokens are sequence positions
   (left-padded); at projector points they are the image's own tokens (row ``r`` = the image of
   batch row ``r``; a ``flat`` projector output is split per row by the image-token counts).
@@ -27,7 +31,7 @@ from torch import Tensor
 
 from ..errors import ProjLensError
 
-LAYER_KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")   # forward order inside a layer
+LAYER_KINDS = ("resid_pre", "pattern", "attn_out", "mlp_out", "resid_post")   # forward order inside a layer
 FIXED = ("llm.embed", "vision.out", "projector.in", "projector.hidden", "projector.out", "logits")
 IMAGE_POINTS = ("vision.out", "projector.in", "projector.hidden", "projector.out")
 
@@ -44,18 +48,21 @@ TL_ALIASES = {
     "blocks.{i}.hook_resid_post": "llm.{i}.resid_post",
     "blocks.{i}.hook_attn_out": "llm.{i}.attn_out",
     "blocks.{i}.hook_mlp_out": "llm.{i}.mlp_out",
+    "blocks.{i}.attn.hook_pattern": "llm.{i}.pattern",
 }
-_LAYER_RE = re.compile(r"^llm\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out)$")
+_LAYER_RE = re.compile(r"^llm\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out|pattern)$")
 _TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
 # TransformerBridge (TL 4.x) component spellings: blocks.{i}.hook_in/hook_out, blocks.{i}.attn.hook_out, ...
-_BRIDGE_RE = re.compile(r"^blocks\.(\d+)\.(hook_in|hook_out|attn\.hook_out|mlp\.hook_out)$")
-_BRIDGE = {"hook_in": "resid_pre", "hook_out": "resid_post", "attn.hook_out": "attn_out", "mlp.hook_out": "mlp_out"}
+_BRIDGE_RE = re.compile(r"^blocks\.(\d+)\.(hook_in|hook_out|attn\.hook_out|mlp\.hook_out|attn\.hook_pattern)$")
+_BRIDGE = {"hook_in": "resid_pre", "hook_out": "resid_post", "attn.hook_out": "attn_out", "mlp.hook_out": "mlp_out",
+           "attn.hook_pattern": "pattern"}
 
 
 def valid_points(n_layers: int | None = None) -> str:
     last = "{i}" if n_layers is None else f"{{0..{n_layers - 1}}}"
     return (f"{', '.join(FIXED)}, llm.{last}.{'|'.join(LAYER_KINDS)} "
-            f"(TransformerLens aliases: blocks.{last}.hook_resid_post, vision_projector.hook_out, ...)")
+            f"(TransformerLens aliases: blocks.{last}.hook_resid_post, blocks.{last}.attn.hook_pattern, "
+            "vision_projector.hook_out, ...)")
 
 
 def canonical(name: str, n_layers: int | None = None) -> str:
@@ -73,6 +80,10 @@ def canonical(name: str, n_layers: int | None = None) -> str:
             return name
         raise ProjLensError(f"site {name!r}: layer {m.group(1)} out of range, the model has {n_layers} layers (0..{n_layers - 1})")
     raise ProjLensError(f"unknown site {name!r}; valid sites: {valid_points(n_layers)}")
+
+
+def is_pattern(point: str) -> bool:
+    return point.endswith(".pattern")
 
 
 def layer_of(point: str) -> int | None:
@@ -265,6 +276,9 @@ class Site:
             raise ProjLensError(f"Site tokens must be a selector (ImageTokens(), LastToken(), ...), got {self.tokens!r}")
         if self.basis is not None:
             check_basis(self.basis, what=f"basis of site {self.point}")
+        if is_pattern(self.point) and (not isinstance(self.tokens, AllTokens) or self.basis is not None):
+            raise ProjLensError(f"{self.point} is the attention pattern [batch, heads, query, key]: it takes no token "
+                                "selector or basis; read it whole and index it, e.g. cache[site][:, head, query, key]")
 
     def _key(self):
         return (self.point, self.tokens, None if self.basis is None else id(self.basis))

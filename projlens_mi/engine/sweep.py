@@ -47,11 +47,15 @@ MIN_SUFFIX = 8                 # positions a prefix-reusing pass computes at lea
 
 
 def sweep(handle: ModelHandle, inputs: Inputs, cells, metric: Callable[[Tensor, Tensor], Tensor], *,
-          batch_size: int = 256, progress: bool = True, reuse: bool | str = True) -> pd.DataFrame:
+          batch_size: int = 256, progress: bool = True, reuse: bool | str = True,
+          names: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Run every cell on every input; one tidy row per (cell, input).
 
     ``cells``: a mapping ``{key: [edits]}`` or a list of ``(key, [edits])``; a dict key becomes
-    columns, any other key one ``cell`` column. ``metric(logits [rows, seq, vocab], input_index
+    columns, any other key one ``cell`` column, or with ``names=("layer", "position")`` a tuple key
+    ``(layer, position)`` becomes those columns, so that
+    ``frame.pivot_table(index="layer", columns="position", values="value")`` is the layer × position
+    table (mean over inputs). ``metric(logits [rows, seq, vocab], input_index
     [rows]) -> [rows]`` is evaluated on each pass (``input_index`` says which input each row is).
     ``reuse``: True (every exact reuse, see the module notes), ``"layers"`` (no prefix reuse: every
     pass runs all positions) or False (every cell a full forward, as ``run_cell``).
@@ -65,6 +69,8 @@ def sweep(handle: ModelHandle, inputs: Inputs, cells, metric: Callable[[Tensor, 
     if reuse not in (True, False, "layers"):
         raise ProjLensError(f"reuse={reuse!r}: use True (all reuses), 'layers' (no prefix reuse) or False")
     n = len(inputs)
+    for key, _ in items:
+        _columns(key, names)   # a key that does not fit ``names``: refused before any work
     prepared = [(key, [as_edit(e) for e in edits]) for key, edits in items]
     units = _units(prepared, n, batch_size)
     prefix = reuse is True and _prefix_exact(handle, inputs)
@@ -82,7 +88,7 @@ def sweep(handle: ModelHandle, inputs: Inputs, cells, metric: Callable[[Tensor, 
             bar.update(1)
     finally:
         bar.close()
-    return _frame(prepared, n, values)
+    return _frame(prepared, n, values, names)
 
 
 def run_cell(handle: ModelHandle, inputs: Inputs, edits, metric) -> Tensor:
@@ -276,10 +282,27 @@ def _shift(e: Edit, idx: list[int], offset: int, n: int) -> Edit | None:
     return Edit(e.site, iv, rows) if rows else None   # None: this block holds none of the edit's rows
 
 
-def _frame(prepared, n, values) -> pd.DataFrame:
+def _columns(key, names) -> dict:
+    """A cell key as the frame's key columns."""
+    if isinstance(key, dict):
+        cols = dict(key)
+    elif names is None:
+        cols = {"cell": key}
+    else:
+        values = key if isinstance(key, tuple) else (key,)
+        if isinstance(names, str) or len(values) != len(names):
+            raise ProjLensError(f"sweep names={names!r}: cell key {key!r} needs {len(names)} parts, one per name "
+                                "(e.g. names=('layer', 'position') with keys (layer, position))")
+        cols = dict(zip(names, values))
+    if {"input", "value"} & set(cols):
+        raise ProjLensError(f"sweep key columns {sorted(cols)} clash with the frame's 'input' / 'value' columns; rename them")
+    return cols
+
+
+def _frame(prepared, n, values, names=None) -> pd.DataFrame:
     records = []
     for c, (key, _) in enumerate(prepared):
-        cols = dict(key) if isinstance(key, dict) else {"cell": key}
+        cols = _columns(key, names)
         for i in range(n):
             records.append({**cols, "input": i, "value": values[(c, i)]})
     return pd.DataFrame.from_records(records)

@@ -38,6 +38,17 @@ class Inputs:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def __repr__(self) -> str:
+        parts = [f"rows={len(self)}", f"seq={self.input_ids.shape[1]}",
+                 f"image_tokens/row={int(self.image_mask[0].sum()) if len(self) else 0}"]
+        if self.pixel_values is None:
+            parts.append("no images")
+        if self.prompt_end is not None:
+            parts.append("teacher-forced")
+        if self.extra:
+            parts.append("extra=" + ",".join(self.extra))
+        return f"Inputs({', '.join(parts)})"
+
     def model_kwargs(self) -> dict:
         """Keyword arguments for the HF forward / generate."""
         kw = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.extra}
@@ -111,6 +122,17 @@ class ModelHandle:
     adapter: Adapter = None
     provenance: dict = field(default_factory=dict)
     _envoy: object = None
+
+    def __repr__(self) -> str:
+        """One line: class, family, size, placement, where it came from (the default dataclass repr
+        printed the whole module tree, ~9,000 characters for the tiny test model)."""
+        n = sum(p.numel() for p in self.model.parameters())
+        size = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+        src = self.provenance.get("source", "?")
+        dmap = getattr(self.model, "hf_device_map", None)
+        where = f"device_map over {len({str(v) for v in dmap.values()})} devices" if dmap else f"device={self.device}"
+        return (f"ModelHandle({type(self.model).__name__}, family={self.adapter.family!r}, layers={self.n_layers}, "
+                f"params={size}, {where}, dtype={str(self.dtype).removeprefix('torch.')}, source={str(src)!r})")
 
     def __post_init__(self):
         if self.adapter is None:
