@@ -216,7 +216,7 @@ def test_provenance_records_what_verify_needs(study, tmp_path):
 def test_tolerance_rules():
     """Which rule each kind of number gets, and the normalised effect's amplification (|scale| / |contrast|)."""
     ar = Arithmetic("float32", reduction=96, depth=6, unit_roundoff=2.0 ** -24)
-    assert ar.forward_rtol == pytest.approx(10 * 2 * 6 * 96 ** 0.5 * 2.0 ** -24)
+    assert ar.forward_rtol == pytest.approx(10 * 6 * (2 * 96 ** 0.5 * 2.0 ** -24 + 2.0 ** -24))
     m = {"pairs": {"p": {"n_clean": 10, "n_triggered": 8, "asr": 0.5, "analyses": {
         "patching": {"clean_mean": -13.46, "triggered_mean": -13.34, "noising_projector_out_image": 0.3},
         "injection": {"inject.base.r1_0.r2_1.asr": 0.25, "ft_model.clean_accuracy": 1.0},

@@ -4,7 +4,8 @@
 - ``steps``: the step graph and its content-addressed store ``DIR/.steps/<key>.json``;
 - ``runner``: compute what is not stored yet (resumable), ``--plan`` estimates;
 - ``report``: metrics.json, tables/, figures/, report.md/html from the stored steps only;
-- ``provenance``: config hash, seeds, versions, git commit, hardware, wall time per step.
+- ``provenance``: config hash, seeds, versions, git commit, hardware, wall time per step, input hashes, environment;
+- ``verify``: re-compute a study beside it and compare every number (``projlens verify DIR``).
 """
 
 from .config import StudyConfig, load_config

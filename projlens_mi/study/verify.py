@@ -16,8 +16,8 @@ Order of the checks (docs/verify.md):
 
 Tolerances come from the arithmetic (``Arithmetic``): a float32 dot product of length K summed in
 another order differs by about ``2·sqrt(K)·u`` relative (u = 2⁻²⁴, rounding errors as a random
-walk), a network adds one such step per layer, and a safety factor of 10 covers the conditioning of
-the statistics computed from the activations. Values that are rates over generated samples are
+walk), plus one rounding to the run's dtype, a network adds one such step per layer, and a safety
+factor of 10 covers the conditioning of the statistics computed from the activations. Values that are rates over generated samples are
 compared as the number of samples that flipped; values that come out of a sort, an argmax or a
 threshold (ranks, counts, Spearman, top-k overlaps) are compared exactly, since a near-tie may
 resolve the other way on another machine and verify must say so.
@@ -59,8 +59,13 @@ class Arithmetic:
 
     @property
     def forward_rtol(self) -> float:
-        """Relative tolerance of a number computed from activations (forward passes in ``dtype``)."""
-        return SAFETY * 2.0 * self.depth * math.sqrt(self.reduction) * self.unit_roundoff
+        """Relative tolerance of a number computed from activations (forward passes in ``dtype``).
+
+        Per layer: two summation orders of a length-K dot product accumulated in float32 (what CPU and
+        GPU kernels do for every dtype here) differ by about 2·sqrt(K)·u32, and the output is rounded
+        once to ``dtype`` (u); layers add up; times the safety factor."""
+        per_layer = 2.0 * math.sqrt(self.reduction) * UNIT_ROUNDOFF["float32"] + self.unit_roundoff
+        return SAFETY * self.depth * per_layer
 
     @property
     def weights_rtol(self) -> float:
@@ -305,6 +310,9 @@ def environment_changes(prov: dict, cfg) -> list[str]:
         d.get("cpu", {}).pop("flags", None)
     for key, a, b in _differences(old, now):
         lines.append(f"{key}: {a} -> {b}")
+    code_old, code_now = (prov.get("git") or {}).get("commit"), provenance.git_commit().get("commit")
+    if code_old != code_now:
+        lines.append(f"code (git commit): {code_old} -> {code_now}")
     if of != nf:
         gone, new = sorted(of - nf), sorted(nf - of)
         lines.append("cpu.flags:" + (f" only recorded: {' '.join(gone[:12])}{' …' if len(gone) > 12 else ''}" if gone else "")
@@ -473,6 +481,9 @@ def verify(out: str | Path, *, steps: list[str] | None = None, flips: int = 0, w
         if work.exists() and (not work.is_dir() or any(work.iterdir())):
             raise ProjLensError(f"--work {work} exists and is not an empty folder; pass a new folder")
     cfg = stored_config(prov)
+    if cfg.run.tp_size is not None:
+        raise ProjLensError(f"{out} was run with tensor parallelism (run.tp_size = {cfg.run.tp_size}); verify does not "
+                            "launch ranks: re-run the study under torchrun into a new folder and verify that on one device")
     result = Verification(out, [s["id"] for s in chosen], flips=flips)
     result.input_changes, result.inputs_note = input_changes(prov, cfg)
     if result.input_changes:
