@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -40,6 +41,28 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+INTERRUPTED = "interrupted; run the same command again to resume"
+
+
+def _resumable(command):
+    """Ctrl-C anywhere in ``command``: one line, no traceback, exit status 130 (the shell's for SIGINT).
+    The library kills its worker processes on the way out and has stored every finished step, so the
+    same command resumes where this one stopped."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.echo(("\n" if sys.stderr.isatty() else "") + INTERRUPTED, err=True)
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _one_line(text: object) -> str:
+    """``text`` on one line with control characters escaped (an error can quote a data file)."""
+    return "".join(c if c.isprintable() else " " if c in "\n\r\t" else ascii(c)[1:-1] for c in str(text))
+
+
 def _quiet_hf() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -67,6 +90,7 @@ def metrics_table(summary: dict) -> str:
 
 
 @organism_app.command("build")
+@_resumable
 def organism_build(
     out: Path = typer.Option(..., "--out", help="Folder to write the organism into (reused as a cache)."),
     seed: int = typer.Option(0, help="Seed for data, initialisation and training."),
@@ -152,6 +176,8 @@ def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: boo
                                "metrics": metrics}, indent=2))
     elif quiet:
         typer.echo(study.one_line(metrics, out))
+        for step, error in outcome.errors.items():   # why, even when quiet: one line per failed step
+            typer.echo(f"failed: {step}: {_one_line(error)}", err=True)
     else:
         if header:
             typer.echo(header)
@@ -161,6 +187,7 @@ def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: boo
 
 
 @study_app.command("run")
+@_resumable
 def study_run(
     config: Path = typer.Argument(..., help="The study config (.toml)."),
     out: Path = typer.Option(..., "--out", help="Report folder (created; reused as the cache of finished steps)."),
@@ -187,6 +214,7 @@ def study_run(
 
 
 @app.command("report")
+@_resumable
 def report_cmd(out: Path = typer.Argument(..., help="A study's report folder.")):
     """Re-render metrics.json, tables, figures and report.md/html from stored results (no recomputation)."""
     _quiet_hf()
@@ -225,6 +253,7 @@ def verify(
 
 
 @app.command()
+@_resumable
 def demo(
     out: Path = typer.Option(DEFAULT_DEMO_OUT, "--out", help="Report folder of the quickstart study."),
     organism: Path = typer.Option(DEFAULT_ORGANISM, "--organism", help="Where the organism is built / cached."),

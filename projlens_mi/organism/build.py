@@ -440,12 +440,10 @@ def _threads(n: int, after: int):
 
 
 def _spawn_helpers(n: int) -> list:
-    """``n`` single-process pools (spawned: a forked torch can deadlock), one per extra CPU."""
-    if n < 1:
-        return []
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    return [ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) for _ in range(n)]
+    """``n`` single-process pools (spawned: a forked torch can deadlock), one per extra CPU; they die
+    with this process and ignore Ctrl-C (``processes.WorkerPool``)."""
+    from ..processes import WorkerPool
+    return [WorkerPool(1) for _ in range(n)]
 
 
 def norm_spread(model, processor, records: list[Record]) -> dict:
@@ -529,6 +527,10 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, wor
         ev = ev_future.result() if ev_future else prepare_eval(str(out), cfg)
         stage2, scores = b.stage2(base_model, list(cfg.variants), ev, helpers)
         timings["stage2_and_evaluation"] = time.perf_counter() - t0
+    except BaseException:   # Ctrl-C or an error: end the helpers now, not after the model each is training
+        for h in helpers:
+            h.kill()
+        raise
     finally:
         for h in helpers:
             h.shutdown(cancel_futures=True)

@@ -253,10 +253,8 @@ def _all_figures(manifest: dict, jobs: dict[str, dict], workers: int) -> dict:
     """
     if workers <= 1 or len(jobs) < 4:
         return {k: _step_figures(v) for k, v in jobs.items()}
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                             initializer=_figure_worker_init, initargs=(manifest,)) as pool:
+    from ..processes import WorkerPool
+    with WorkerPool(min(workers, len(jobs)), _figure_worker_init, (manifest,)) as pool:
         return dict(zip(jobs, pool.map(_step_figures, jobs.values())))
 
 

@@ -332,12 +332,19 @@ class _Computer:
 _WORKER: dict = {}
 
 
-def _worker_init(plugins: list[str], folder: str, state: bytes) -> None:
-    """Import the study's plugin analyses first: the config and steps refer to their Params classes."""
+def _worker_init(plugins: list[str], folder: str, state: bytes, hf_verbosity: int) -> None:
+    """Import the study's plugin analyses first: the config and steps refer to their Params classes.
+
+    transformers logs at the parent's level and draws no bars (a worker's bars would cut through the
+    parent's lines; ``--quiet`` printed every worker's "Loading weights" bars)."""
     import pickle
 
     import torch
+    from transformers.utils import logging as hf_logging
+
     from ..analyses import import_all
+    hf_logging.set_verbosity(hf_verbosity)
+    hf_logging.disable_progress_bar()
     from .config import import_plugins
     import_all()
     if plugins:
@@ -357,7 +364,9 @@ def _computed_steps(cfg: StudyConfig, pairs: list[PairSpec], todo: list[Step], l
 
     Workers are spawned (a clean interpreter each, ``run.threads`` torch threads each) and get whole
     steps; every step seeds torch and NumPy itself, so its numbers do not depend on which process ran
-    it. The config and steps travel pickled, unpickled after the worker imported the plugins.
+    it. The config and steps travel pickled, unpickled after the worker imported the plugins. Workers
+    die with this process and ignore Ctrl-C (``processes.WorkerPool``); closing this generator early
+    (an interrupt, an error in the caller's loop) kills them without waiting for their running steps.
     """
     workers = min(cfg.run.workers, len(todo))
     if workers <= 1:
@@ -365,13 +374,14 @@ def _computed_steps(cfg: StudyConfig, pairs: list[PairSpec], todo: list[Step], l
         for s in todo:
             yield (s, *compute(s, log))
         return
-    import multiprocessing as mp
     import pickle
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
+
+    from ..processes import WorkerPool
     log(f"computing {len(todo)} steps in {workers} worker processes")
-    init = (list(cfg.plugins or []), str(Path(cfg.path).parent), pickle.dumps((cfg, pairs)))
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=init) as pool:
+    from transformers.utils import logging as hf_logging
+    init = (list(cfg.plugins or []), str(Path(cfg.path).parent), pickle.dumps((cfg, pairs)), hf_logging.get_verbosity())
+    with WorkerPool(workers, _worker_init, init) as pool:   # an interrupt or a closed generator kills the workers
         futures = {pool.submit(_worker_step, pickle.dumps(s)): s for s in todo}
         for fut in as_completed(futures):
             s = futures[fut]
@@ -436,19 +446,23 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
             todo.append(s)
             continue
         bar.update(1)
-    for s, status, payload, seconds in _computed_steps(cfg, pairs, todo, log, progress and writer):
-        bar.set_postfix_str(s.id)
-        outcome.status[s.id] = status
-        if status == "failed":
-            outcome.errors[s.id] = payload
-        else:
-            if writer:
-                store.put(s.key, {"step": s.id, "kind": s.kind, "pair": s.pair, "analysis": s.analysis, "key": s.key,
-                                  "material": s.material, "seconds": seconds, **payload})
-            outcome.seconds[s.id] = seconds
-            log(f"{s.id}: done in {seconds:.1f} s")
-        bar.update(1)
-    bar.close()
+    computed = _computed_steps(cfg, pairs, todo, log, progress and writer)
+    try:
+        for s, status, payload, seconds in computed:
+            bar.set_postfix_str(s.id)
+            outcome.status[s.id] = status
+            if status == "failed":
+                outcome.errors[s.id] = payload
+            else:
+                if writer:
+                    store.put(s.key, {"step": s.id, "kind": s.kind, "pair": s.pair, "analysis": s.analysis,
+                                      "key": s.key, "material": s.material, "seconds": seconds, **payload})
+                outcome.seconds[s.id] = seconds
+                log(f"{s.id}: done in {seconds:.1f} s")
+            bar.update(1)
+    finally:   # an interrupt or an error here: end the worker processes now, not when garbage-collected
+        computed.close()
+        bar.close()
     outcome.status = {s.id: outcome.status[s.id] for s in steps}   # the graph's order, whoever finished first
     if not writer:
         outcome.wall_seconds = time.perf_counter() - t_start
