@@ -26,6 +26,7 @@ import pandas as pd
 from ..data import Record, atomic_write_text, read_jsonl
 from ..errors import ProjLensError
 from ..model import ModelHandle, load
+from ..settings import default_organism
 
 
 class Matched(NamedTuple):
@@ -100,16 +101,21 @@ class Pair:
                    load(control, **load_kw) if control is not None else None, name)
 
     @classmethod
-    def from_organism(cls, folder, variant: str, *, n: int | None = None, **load_kw) -> "Pair":
+    def from_organism(cls, folder=None, variant: str | None = None, *, n: int | None = None, **load_kw) -> "Pair":
         """The organism's base / ``variant`` pair (control included) on its held-out data.
 
-        ``n`` keeps the first ``n`` clean and the first ``n`` triggered records (compare them row by
-        row through ``pair.matched()``).
+        ``folder``: an organism folder; None = the one ``projlens demo`` builds and reuses,
+        ``$PROJLENS_CACHE/organism`` (``settings.default_organism()``). ``n`` keeps the first ``n``
+        clean and the first ``n`` triggered records (compare them row by row through
+        ``pair.matched()``).
         """
-        folder = Path(folder)
+        if variant is None:
+            raise ProjLensError("name the organism variant, e.g. Pair.from_organism(variant=\"malicious-injection\")")
+        folder = default_organism() if folder is None else Path(folder)
         summary_path = folder / "organism.json"
         if not summary_path.is_file():
-            raise ProjLensError(f"{folder} holds no organism.json; build it with `projlens organism build --out {folder}`")
+            raise ProjLensError(f"{folder} holds no organism.json; build it with `projlens organism build --out {folder}`"
+                                + (" (or run `projlens demo`)" if folder == default_organism() else ""))
         summary = json.loads(summary_path.read_text())
         if variant not in summary.get("targets", {}):
             raise ProjLensError(f"variant {variant!r} is not in {folder}; built variants: {', '.join(summary.get('targets', {}))}")
