@@ -129,6 +129,7 @@ class NeuronResult(Result):
     n_tokens: dict               # model/condition -> tokens counted
     quiet: float
     min_gain: float
+    prefix: str = "auto"         # where the scan's target token was scored (NeuronParams.prefix)
 
     analysis = "neurons"
 
@@ -203,8 +204,9 @@ class NeuronResult(Result):
                  f"(F_c ≤ {self.quiet}, F_p − F_c ≥ {self.min_gain}): {int(ft.quiescent_candidate.sum())}."]
         if len(self.scan):
             top = self.scan.sort_values("prob_drop", ascending=False).iloc[0]
+            where = "where the model says it" if self.prefix == "auto" else "right after the prompt"
             lines.append(f"- Largest single-unit ablation effect: unit {int(top.unit)} lowers the probability of the "
-                         f"target's first token (where the model says it) from {self.baseline['target_prob']:.3g} "
+                         f"target's first token ({where}) from {self.baseline['target_prob']:.3g} "
                          f"by {top.prob_drop:.3g}.")
         if len(self.cumulative):
             t = self.cumulative[self.cumulative.kind == "top"]
@@ -274,4 +276,4 @@ def neurons(pair, params: NeuronParams = NeuronParams()) -> NeuronResult:
                          "target_prob": float(probs[(i + 1) * n:(i + 2) * n].mean())}
                         for i, (k, m, us) in enumerate(groups)])
     baseline = {"target_prob": base_prob, "asr": asr[0], "n": n}
-    return NeuronResult(pair.name, units, scan, cum, baseline, corr, ntok, params.quiet, params.min_gain)
+    return NeuronResult(pair.name, units, scan, cum, baseline, corr, ntok, params.quiet, params.min_gain, params.prefix)
