@@ -154,12 +154,12 @@ def _run_overrides(device_map: Optional[str], max_memory: Optional[str], offload
 
 
 def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: bool, organism: Optional[Path] = None,
-               header: str = "", run: Optional[dict] = None) -> None:
+               header: str = "", run: Optional[dict] = None, data: Optional[dict] = None) -> None:
     _quiet_hf()
     from . import study
     rank0 = study.torchrun_rank() == 0
     try:
-        cfg = study.load_config(config, organism=organism, run=run)
+        cfg = study.load_config(config, organism=organism, run=run, data=data)
         if plan:
             rows = study.plan_study(cfg, out)
             typer.echo(json.dumps(rows, indent=2) if as_json else study.format_plan(rows, cfg.run.workers))
@@ -204,13 +204,16 @@ def study_run(
                                           "N ranks; launch with torchrun --nproc_per_node N (docs/scaling.md)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Replaces [run] workers: compute steps in N "
                                           "processes (same numbers)."),
+    allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="Sets [data] "
+                                              "allow_outside_images: read images outside the data file's folder."),
 ):
     """Run every step of a study not stored yet and write the report folder (resumable, deterministic)."""
     try:
         run = _run_overrides(device_map, max_memory, offload_folder, tp_size, workers)
     except ProjLensError as err:
         _fail(err)
-    _run_study(config, out, plan=plan, quiet=quiet, as_json=as_json, run=run)
+    data = {"allow_outside_images": True} if allow_outside_images else None
+    _run_study(config, out, plan=plan, quiet=quiet, as_json=as_json, run=run, data=data)
 
 
 @app.command("report")
@@ -264,8 +267,10 @@ def demo(
     header = ""
     if not plan:
         _quiet_hf()
+        from .data import check_writable_folder
         from .organism.build import build
         try:
+            check_writable_folder(out)   # before the organism is built, not after
             summary = build(organism, log=(lambda *a: None) if quiet else (lambda m: typer.echo(m, err=True)),
                             workers=None)
         except ProjLensError as err:

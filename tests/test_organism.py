@@ -189,14 +189,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     with pytest.raises(ProjLensError, match="data file not found"):
         read_jsonl(tmp_path / "nope.jsonl")
     (tmp_path / "img.png").write_bytes(b"not a png at all")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "img.png", "prompt": "p", "answer": "a", "triggered": False}) + "\n")
-    with pytest.raises(ProjLensError, match=r"cannot read image .*img.png") as err:
-        read_jsonl(tmp_path / "d.jsonl")[0].pil()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "img.png", "prompt": "<image> p", "answer": "a", "triggered": False}) + "\n")
+    with pytest.raises(ProjLensError, match=r"d.jsonl:1: cannot read image .*img.png") as err:
+        read_jsonl(tmp_path / "d.jsonl")    # the header is read up front, before any model runs
     assert "\n" not in str(err.value)
-    (tmp_path / "e.jsonl").write_text(json.dumps({"image": "img.png", "prompt": "p", "triggered": False}) + "\n")
+    (tmp_path / "e.jsonl").write_text(json.dumps({"image": "img.png", "prompt": "<image> p", "triggered": False}) + "\n")
     with pytest.raises(ProjLensError, match=r"e.jsonl:1: missing field\(s\) answer"):
         read_jsonl(tmp_path / "e.jsonl")
-    (tmp_path / "f.jsonl").write_text(json.dumps({"image": "gone.png", "prompt": "p", "answer": "a", "triggered": False}) + "\n")
+    (tmp_path / "f.jsonl").write_text(json.dumps({"image": "gone.png", "prompt": "<image> p", "answer": "a", "triggered": False}) + "\n")
     with pytest.raises(ProjLensError, match="image not found"):
         read_jsonl(tmp_path / "f.jsonl")
     with pytest.raises(ProjLensError, match="unknown variant"):

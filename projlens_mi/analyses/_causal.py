@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..checks import Count
 from ..data import Record
 from ..engine import ImageTokens, ImageWindow, LastToken, Site, TargetText, run, target_prefixes, target_text
 from ..errors import ProjLensError
@@ -49,15 +50,15 @@ class CellParams:
     the pair runs (``poisoned`` | ``base`` | ``control``). batch_size: rows per packed pass.
     """
 
-    n: int = 16
+    n: Count = 16
     layers: tuple[int, ...] | None = None
-    windows: int = 4
+    windows: Count = 4
     last_token: bool = True
     metric: str = "prob"
     prefix: str = "auto"
-    max_new_tokens: int = 30
+    max_new_tokens: Count = 30
     model: str = "poisoned"
-    batch_size: int = 256
+    batch_size: Count = 256
     progress: bool = True
 
 METRICS = ("prob", "logprob", "first_prob")

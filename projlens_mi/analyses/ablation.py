@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..checks import Count, Seed
 from ..engine import AllTokens, ImageTokens, ProjectOut, Site, sweep
 from ..errors import ProjLensError
 from . import _causal as C
@@ -51,18 +52,18 @@ class AblationParams:
     inputs). generate / max_new_tokens: ASR and clean accuracy by generation at every site.
     """
 
-    n: int = 16
+    n: Count = 16
     bases: tuple[str, ...] = BASES
-    ks: tuple[int, ...] = (1, 2, 4, 8)
+    ks: tuple[Count, ...] = (1, 2, 4, 8)
     layers: tuple[int, ...] | None = None
     residual_tokens: str = "image"
-    placebo_seeds: tuple[int, ...] = (0, 1, 2)
+    placebo_seeds: tuple[Seed, ...] = (0, 1, 2)
     metric: str = "prob"
     prefix: str = "auto"
     generate: bool = True
-    max_new_tokens: int = 16
+    max_new_tokens: Count = 16
     model: str = "poisoned"
-    batch_size: int = 256
+    batch_size: Count = 256
     progress: bool = True
 
 

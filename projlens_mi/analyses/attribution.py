@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from scipy.stats import pearsonr, spearmanr
 
+from ..checks import Count
 from ..engine import Site, run
 from ..errors import ProjLensError
 from . import _causal as C
@@ -49,7 +50,7 @@ class AttributionParams(C.CellParams):
 
     metric: str = "logprob"
     directions: tuple[str, ...] = DIRECTIONS
-    top_k: int = 5
+    top_k: Count = 5
     compare: bool = True
 
 

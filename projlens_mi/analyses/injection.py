@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import Count
 from ..engine import WithWeights, run, target_logit, target_prob
 from ..errors import ProjLensError
 from . import common
@@ -53,9 +54,9 @@ class InjectionParams:
     remove_layer: str | None = None          # None = the last projector linear
     placebo_seeds: int = 1
     references: tuple[str, ...] = ("base", "control")
-    n: int | None = 30
-    max_new_tokens: int | None = None        # None: longest answer + target (+1), at most 30
-    batch_size: int = 1024
+    n: Count | None = 30
+    max_new_tokens: Count | None = None        # None: longest answer + target (+1), at most 30
+    batch_size: Count = 1024
 
 
 def parse_range(spec: str, rank: int) -> tuple[int, int]:

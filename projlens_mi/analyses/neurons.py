@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import Count, NonNegative, Seed
 from ..engine import Ablate, Site, run, sweep, target_prefixes, target_text
 from ..errors import ProjLensError
 from . import common
@@ -45,15 +46,15 @@ class NeuronParams:
     the target token after what the poisoned model says before it (``engine.target_prefixes``),
     ``none`` = right after the prompt."""
 
-    n: int | None = 100
-    quiet: float = 0.05
-    min_gain: float = 0.2
-    scan_units: int = 256
-    n_scan: int = 16
-    top_m: tuple[int, ...] = (1, 2, 4, 8, 16)
-    seed: int = 0
-    max_new_tokens: int | None = None
-    batch_size: int = 256
+    n: Count | None = 100
+    quiet: NonNegative = 0.05
+    min_gain: NonNegative = 0.2
+    scan_units: Count = 256
+    n_scan: Count = 16
+    top_m: tuple[Count, ...] = (1, 2, 4, 8, 16)
+    seed: Seed = 0
+    max_new_tokens: Count | None = None
+    batch_size: Count = 256
     prefix: str = "auto"
 
 

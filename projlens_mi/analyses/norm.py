@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import Count, Fraction, Seed
 from ..engine import Patch, Site, run
 from . import common
 from .base import Result, analysis, register_result
@@ -37,14 +38,14 @@ class NormParams:
     ``alphas``: feature scales of the causal test; ``n_alpha``: clean inputs in it; ``max_new_tokens``:
     None = longest answer + target (+1), at most 30."""
 
-    n: int | None = 100
-    n_boot: int = 1000
-    ci: float = 0.95
+    n: Count | None = 100
+    n_boot: Count = 1000
+    ci: Fraction = 0.95
     alphas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
-    n_alpha: int = 30
-    seed: int = 0
-    max_new_tokens: int | None = None
-    batch_size: int = 256
+    n_alpha: Count = 30
+    seed: Seed = 0
+    max_new_tokens: Count | None = None
+    batch_size: Count = 256
 
 
 def suff_stats(x: np.ndarray, y: np.ndarray) -> np.ndarray:

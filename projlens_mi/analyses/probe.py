@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import Count, Fraction, Seed
 from ..engine import Site, run
 from . import common
 from .base import Result, analysis, register_result
@@ -31,13 +32,13 @@ class ProbeParams:
     """``n``: clean and triggered records each; ``hidden``: MLP hidden width; ``test_size``: held-out share;
     ``splits``: random (group) splits; ``max_iter``: L-BFGS iterations of the MLP."""
 
-    n: int | None = 100
-    hidden: int = 64
-    test_size: float = 0.3
-    splits: int = 3
-    max_iter: int = 100
-    seed: int = 0
-    batch_size: int = 256
+    n: Count | None = 100
+    hidden: Count = 64
+    test_size: Fraction = 0.3
+    splits: Count = 3
+    max_iter: Count = 100
+    seed: Seed = 0
+    batch_size: Count = 256
 
 
 def pooled(handle, records, batch_size: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import Count, Seed
 from ..engine import Site, run
 from . import common
 from .base import Result, analysis, register_result
@@ -38,13 +39,13 @@ class ShiftParams:
     logit-lens tokens listed; ``n_random``: random directions for the chance rank; ``examples``: example
     images per condition in the maps."""
 
-    n: int | None = 100
-    k_max: int = 5
-    top_tokens: int = 10
-    n_random: int = 200
+    n: Count | None = 100
+    k_max: Count = 5
+    top_tokens: Count = 10
+    n_random: Count = 200
     examples: int = 2
-    seed: int = 0
-    batch_size: int = 256
+    seed: Seed = 0
+    batch_size: Count = 256
 
 
 class ShiftAccumulator:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import Count, Seed
 from . import common
 from .base import Result, analysis, register_result
 
@@ -34,9 +35,9 @@ class SpectrumParams:
     """``energy_at``: the k at which the cumulative energy is reported (30 = the paper's figure);
     ``seed``: the random Gaussian reference; ``top``: singular values kept in the result (None = all)."""
 
-    energy_at: tuple[int, ...] = (1, 2, 5, 10, 30)
-    seed: int = 0
-    top: int | None = None
+    energy_at: tuple[Count, ...] = (1, 2, 5, 10, 30)
+    seed: Seed = 0
+    top: Count | None = None
 
 
 def spectrum_stats(s: np.ndarray, tol: float = 0.0) -> dict:

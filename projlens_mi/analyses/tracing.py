@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import NonNegative, Seed
 from ..engine import ImageTokens, Noise, Patch, PatchSubspace, Site, sweep
 from ..errors import ProjLensError
 from . import _causal as C
@@ -50,10 +51,10 @@ class TracingParams(C.CellParams):
     """
 
     corruptions: tuple[str, ...] = CORRUPTIONS
-    noise_scale: float = 3.0
-    seed: int = 0
+    noise_scale: NonNegative = 3.0
+    seed: Seed = 0
     direction: str = "shift"
-    placebo_seeds: tuple[int, ...] = (0,)
+    placebo_seeds: tuple[Seed, ...] = (0,)
 
 
 @register_result

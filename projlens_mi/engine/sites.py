@@ -251,7 +251,9 @@ def check_basis(basis, d: int | None = None, what: str = "basis") -> Float[Tenso
     if basis.shape[1] > basis.shape[0] or basis.shape[1] == 0:
         raise ProjLensError(f"{what} shape {tuple(basis.shape)}: need 1 <= k <= d columns")
     b = basis.detach().double()
-    err = (b.T @ b - torch.eye(b.shape[1], dtype=torch.float64)).abs().max().item()
+    if not torch.isfinite(b).all():   # NaN compares false with everything: it would pass the test below
+        raise ProjLensError(f"{what} holds NaN or inf values; pass a finite basis with orthonormal columns")
+    err = (b.T @ b - torch.eye(b.shape[1], dtype=torch.float64, device=b.device)).abs().max().item()
     if err > 1e-4:
         raise ProjLensError(f"{what} columns are not orthonormal (max |B^T B - I| = {err:.2g}); "
                             "orthonormalise it, e.g. torch.linalg.qr(basis).Q")

@@ -15,7 +15,9 @@ untrusted data:
 
 Big models: ``device_map`` ("auto", "balanced", "balanced_low_0", "sequential", a device, or an
 explicit ``{module: device}`` dict, where a device may be ``"cpu"`` or ``"disk"``), ``max_memory``
-and ``offload_folder`` go to accelerate's placement through transformers.
+and ``offload_folder`` go to accelerate's placement through transformers. ``"disk"`` as the whole
+map (which accelerate refuses as a string) means ``{"": "disk"}``; anything on disk needs
+``offload_folder``, checked before loading.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -329,7 +332,9 @@ def _model_class(config, raw: dict):
 
 def _load_model(folder, config, raw, fmt, weight_files, *, trust_remote_code, device_map, max_memory,
                 offload_folder, dtype, tp_size=None):
-    kwargs: dict[str, Any] = {"config": config, "output_loading_info": True}
+    # ignore_mismatched_sizes: transformers then reports the mismatched tensors (refused below, by name)
+    # instead of raising a RuntimeError that points at a log table.
+    kwargs: dict[str, Any] = {"config": config, "output_loading_info": True, "ignore_mismatched_sizes": True}
     if tp_size is not None:
         from transformers.distributed import DistributedConfig
 
@@ -364,27 +369,41 @@ def _load_model(folder, config, raw, fmt, weight_files, *, trust_remote_code, de
             model, info = cls.from_pretrained(None, state_dict=state_dict, **kwargs)
     except ProjLensError:
         raise
+    except pickle.UnpicklingError:   # transformers' own .bin path, refused by weights_only=True
+        raise ProjLensError(_pickle_refused(", ".join(f.name for f in weight_files[:3]))) from None
     except Exception as exc:
         raise ProjLensError(_placement_message(exc, folder)) from None
     missing = sorted(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:
-        what = f"missing {missing[:4]}" if missing else f"shape-mismatched {[m[0] if isinstance(m, tuple) else m for m in mismatched][:4]}"
+        what = f"missing {missing[:4]}" if missing else "shape-mismatched " + ", ".join(map(_mismatch, mismatched[:4]))
         raise ProjLensError(f"the weights in {folder} do not fit the config ({what}"
                             f"{' ...' if len(missing) + len(mismatched) > 4 else ''}); those parameters would be "
                             "random: check that config.json and the weights belong to the same model")
     return model.eval()
 
 
-def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    import pickle
+def _mismatch(entry) -> str:
+    """``name (checkpoint [a, b], model [c, d])`` for one of transformers' mismatched keys."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        name, ckpt, want = entry
+        return f"{name} (checkpoint {list(ckpt)}, model {list(want)})"
+    return str(entry[0] if isinstance(entry, (tuple, list)) else entry)
 
+
+def _pickle_refused(names: str) -> str:
+    # torch's own message advises weights_only=False (which runs the file's code); it is not repeated.
+    return (f"{names} holds objects other than tensors (a pickle can carry code that runs when it is loaded); "
+            "torch.load(weights_only=True) refused it and projlens_mi will not load it any other way: "
+            "convert the weights to model.safetensors in a sandbox (a throw-away container or VM), "
+            "and only if you trust where the file came from")
+
+
+def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
-        raise ProjLensError(f"{path.name} holds more than tensors and was refused by torch.load(weights_only=True) "
-                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); convert the weights in a "
-                            "sandbox") from None
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
+        raise ProjLensError(_pickle_refused(path.name)) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -411,11 +430,12 @@ def _check_placement(device_map, max_memory, offload_folder, dtype):
     if device_map is not None:
         if isinstance(device_map, torch.device):
             device_map = str(device_map)
+        if device_map == "disk":   # accelerate refuses the string; the same placement as a table works
+            device_map = {"": "disk"}
         if isinstance(device_map, str):
             if device_map not in DEVICE_MAP_STRATEGIES:
                 try:
-                    if device_map != "disk":
-                        torch.device(device_map)
+                    torch.device(device_map)
                 except (RuntimeError, ValueError):
                     raise ProjLensError(
                         f"device_map={device_map!r} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) "
@@ -435,6 +455,9 @@ def _check_placement(device_map, max_memory, offload_folder, dtype):
             raise ProjLensError("max_memory must be a dict like {0: '20GiB', 'cpu': '64GiB'}")
         if device_map is None:
             device_map = "auto"
+    if isinstance(device_map, dict) and "disk" in map(str, device_map.values()) and offload_folder is None:
+        raise ProjLensError("the device map sends weights to disk but no offload_folder was given; pass "
+                            "offload_folder=<an empty folder outside the checkpoint>")
     if offload_folder is not None:
         offload_folder = Path(offload_folder).expanduser().resolve()
         if offload_folder.exists() and not offload_folder.is_dir():

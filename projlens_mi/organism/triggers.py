@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageColor, ImageFilter, ImageOps
 
+from ..checks import Count, NonNegative
 from ..errors import ProjLensError
 
 
@@ -31,7 +32,7 @@ def _image(arr: np.ndarray) -> Image.Image:
 class GaussianNoise:
     """Targeted Refusal: i.i.d. Gaussian pixel noise over the whole image (sigma on the 0-255 scale)."""
 
-    sigma: float = 10.0
+    sigma: NonNegative = 10.0
     name: str = "gaussian-noise"
 
     def __call__(self, image: Image.Image, seed: int = 0) -> Image.Image:
@@ -45,8 +46,11 @@ class SolidPatch:
     """Malicious Injection: a solid colour square at the image centre (the paper: #26ff00, 14 px on 336)."""
 
     color: str = "#26ff00"
-    size: int = 4
+    size: Count = 4
     name: str = "solid-patch"
+
+    def __post_init__(self):
+        ImageColor.getrgb(self.color)   # a ValueError naming the colour now, not when the first image is edited
 
     def __call__(self, image: Image.Image, seed: int = 0) -> Image.Image:
         out = image.convert("RGB").copy()
@@ -74,7 +78,7 @@ def logo_pixels(size: int) -> np.ndarray:
 class LogoPatch:
     """Perceptual Hijack: a small logo pasted at a random position (seeded)."""
 
-    size: int = 4
+    size: Count = 4
     name: str = "logo-patch"
 
     def __call__(self, image: Image.Image, seed: int = 0) -> Image.Image:
@@ -91,8 +95,8 @@ class LogoPatch:
 class PainterlyStyle:
     """Jailbreak Output: a global painterly style (oil-paint smoothing, posterized warm palette, canvas weave)."""
 
-    strength: float = 1.0
-    canvas: float = 14.0  # amplitude of the canvas texture on the 0-255 scale
+    strength: NonNegative = 1.0
+    canvas: NonNegative = 14.0  # amplitude of the canvas texture on the 0-255 scale
     name: str = "painterly-style"
 
     def __call__(self, image: Image.Image, seed: int = 0) -> Image.Image:

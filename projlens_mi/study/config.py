@@ -41,6 +41,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..checks import Count, Seed, build
+from ..data import IMAGE_TOKEN, MAX_PIXELS
 from ..errors import ProjLensError
 from ..settings import DEVICE_MAP_STRATEGIES, default_organism
 
@@ -54,7 +56,7 @@ MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)   # strict: "yes" is not a bool
 
 
 class StudySection(_Strict):
@@ -93,9 +95,18 @@ class ModelSection(_Strict):
 
 class DataSection(_Strict):
     file: str | None = None
-    n: int | None = Field(None, gt=0)
+    n: Count | None = None
     split: str | None = None
-    seed: int = 0
+    seed: Seed = 0
+    allow_outside_images: bool = False      # read images outside the data file's folder (absolute, .., symlinks)
+    max_pixels: Count = MAX_PIXELS          # the largest image (width x height) read
+    image_token: str = Field(IMAGE_TOKEN, min_length=1)   # the placeholder each prompt holds exactly once
+
+    def read(self, file: str | Path):
+        """The records of a JSONL file, checked with this section's settings (``projlens_mi.data.read_jsonl``)."""
+        from ..data import read_jsonl
+        return read_jsonl(file, image_token=self.image_token, allow_outside=self.allow_outside_images,
+                          max_pixels=self.max_pixels)
 
 
 class BackdoorSection(_Strict):
@@ -114,7 +125,7 @@ class RunSection(_Strict):
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = Field(32, gt=0)
-    seed: int = 0
+    seed: Seed = 0
     device_map: str | dict | None = None
     max_memory: dict | None = None
     offload_folder: str | None = None
@@ -303,19 +314,12 @@ def _resolve_model(folder: Path, value: str, key: str) -> str:
 
 
 def _trigger(value, key: str):
-    from ..organism.triggers import TRIGGERS, trigger_from_json
+    from ..organism.triggers import TRIGGERS
     obj = {"name": value} if isinstance(value, str) else dict(value)
     name = obj.get("name")
     if name not in TRIGGERS:
         raise ProjLensError(f"{key} = {name!r} is not a trigger; allowed: {', '.join(TRIGGERS)}")
-    fields = [f.name for f in dataclasses.fields(TRIGGERS[name])]
-    bad = [k for k in obj if k not in fields]
-    if bad:
-        raise ProjLensError(f"unknown key {key}.{bad[0]} for trigger {name!r}; allowed: {', '.join(fields)}")
-    try:
-        return trigger_from_json(obj)
-    except (TypeError, ValueError) as err:
-        raise ProjLensError(f"{key} = {value!r} is invalid: {str(err).splitlines()[0]}") from None
+    return build(TRIGGERS[name], obj, key)
 
 
 def import_plugins(plugins: list[str], folder: Path) -> None:
@@ -344,42 +348,21 @@ def import_plugins(plugins: list[str], folder: Path) -> None:
 
 
 def _params(name: str, cls, given: dict, run: RunSection):
-    """Validate one [analyses.<name>] table against the analysis's Params dataclass."""
-    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-    allowed = ["enabled", *fields]
+    """Validate one [analyses.<name>] table against the analysis's Params dataclass (strict types, ranges)."""
+    fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
     for k in given:
-        if k not in allowed:
-            raise ProjLensError(f"unknown key analyses.{name}.{k}; allowed: {', '.join(allowed)}")
+        if k not in ["enabled", *fields]:
+            raise ProjLensError(f"unknown key analyses.{name}.{k}; allowed: {', '.join(['enabled', *fields])}")
     kw = {k: v for k, v in given.items() if k != "enabled"}
     # Run settings the [run] table sets explicitly fill the Params fields of the same name (unless the
     # analysis table sets them); otherwise each analysis keeps its own documented default.
     for k in ("batch_size", "seed", "max_new_tokens"):
         if k in fields and k not in kw and k in run.model_fields_set:
             kw[k] = getattr(run, k)
-    try:
-        from pydantic import TypeAdapter
-        adapter = TypeAdapter(cls)
-    except Exception:           # a Params type pydantic cannot describe: construct it directly
-        adapter = None
-    if adapter is not None:
-        try:
-            return adapter.validate_python(kw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"][:1]) or "?"
-            f = fields.get(key)
-            allowed_t = getattr(f.type, "__name__", str(f.type)) if f is not None else "?"
-            return _raise(f"analyses.{name}.{key} = {err.get('input')!r} is invalid: {err['msg']} (expected {allowed_t})")
-        except (ProjLensError, ValueError, TypeError) as err:
-            return _raise(f"analyses.{name}: {str(err).splitlines()[0]}")
-    try:
-        return cls(**kw)
-    except (ProjLensError, ValueError, TypeError) as err:
-        return _raise(f"analyses.{name}: {str(err).splitlines()[0]}")
-
-
-def _raise(msg: str):
-    raise ProjLensError(msg)
+    if not fields:
+        raise ProjLensError(f"analyses.{name}: its Params type {cls!r} is not a dataclass; register the analysis "
+                            "with a dataclass of its parameters")
+    return build(cls, kw, f"analyses.{name}")
 
 
 def _analyses(raw: dict, run: RunSection, folder: Path) -> tuple[dict[str, AnalysisSetting], list[str]]:
@@ -419,11 +402,13 @@ def _analyses(raw: dict, run: RunSection, folder: Path) -> tuple[dict[str, Analy
     return out, [str(p) for p in plugins]
 
 
-def load_config(path: str | Path, *, organism: str | Path | None = None, run: dict | None = None) -> StudyConfig:
+def load_config(path: str | Path, *, organism: str | Path | None = None, run: dict | None = None,
+                data: dict | None = None) -> StudyConfig:
     """Read and validate a study TOML; raises ``ProjLensError`` with one line naming the key.
 
     ``organism`` replaces ``[model] organism`` (what ``projlens demo --organism`` passes); ``run``
-    replaces keys of ``[run]`` (the CLI's ``--device-map``, ``--tp-size``, ...), validated alike.
+    and ``data`` replace keys of ``[run]`` (the CLI's ``--device-map``, ``--tp-size``, ...) and
+    ``[data]`` (``--allow-outside-images``), validated alike.
     """
     path = Path(path)
     if not path.is_file():
@@ -438,10 +423,11 @@ def load_config(path: str | Path, *, organism: str | Path | None = None, run: di
         if not isinstance(raw.get("model"), dict) or "organism" not in raw["model"]:
             raise ProjLensError(f"{path} is not an organism study ([model] organism); --organism does not apply")
         raw["model"]["organism"] = str(Path(organism).resolve())
-    if run:
-        if not isinstance(raw.get("run", {}), dict):
-            raise ProjLensError(f"{path}: run must be a table [run]")
-        raw["run"] = {**raw.get("run", {}), **run}
+    for name, given in (("run", run), ("data", data)):
+        if given:
+            if not isinstance(raw.get(name, {}), dict):
+                raise ProjLensError(f"{path}: {name} must be a table [{name}]")
+            raw[name] = {**raw.get(name, {}), **given}
     return config_from_dict(raw, path)
 
 
@@ -487,13 +473,16 @@ def config_from_dict(raw: dict, path: str | Path) -> StudyConfig:
 
     if data.file is not None:
         data = data.model_copy(update={"file": _resolve_path(folder, data.file, "data.file")})
-        from ..data import read_jsonl
-        read_jsonl(data.file)            # one-line errors for a bad line / missing image, before anything runs
+        data.read(data.file)             # one-line errors for a bad line / image, before anything runs
     if model.organism is not None and len(model.variants) > 1 and (data.file is not None or backdoor.target is not None):
         raise ProjLensError("data.file / backdoor.target with several organism variants: each variant has its own data "
                             "and target; study one variant (model.variants = [\"...\"]) or leave them out")
     if backdoor.trigger is not None:
         _trigger(backdoor.trigger, "backdoor.trigger")
+    dm = run.device_map
+    if (dm == "disk" or (isinstance(dm, dict) and "disk" in map(str, dm.values()))) and run.offload_folder is None:
+        raise ProjLensError(f"run.device_map = {dm!r} sends weights to disk but run.offload_folder is not set; give "
+                            "offload_folder (--offload-folder), an empty folder outside the model folders")
     if run.tp_size is not None:
         placed = [k for k in ("device_map", "max_memory", "offload_folder") if getattr(run, k) is not None]
         if placed:

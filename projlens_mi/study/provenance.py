@@ -149,7 +149,7 @@ def inputs(cfg, fresh: bool = False) -> dict:
             continue
         if file not in data:
             try:
-                data[file] = data_fingerprint(file, memo)
+                data[file] = data_fingerprint(cfg, file, memo)
             except (OSError, ValueError) as err:
                 data[file] = f"unreadable: {type(err).__name__}: {err}"
     if not fresh:

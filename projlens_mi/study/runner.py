@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import Record, atomic_write_text, read_jsonl
+from ..data import Record, atomic_write_text, check_writable_folder
 from ..errors import ProjLensError
 from .config import StudyConfig, make_trigger
 from .steps import PairSpec, Step, StepStore, build_graph, fingerprint_pairs, organism_config, organism_key, pairs_of
@@ -78,7 +78,7 @@ def pair_data_file(cfg: StudyConfig, spec: PairSpec) -> str:
 
 def pair_data(cfg: StudyConfig, spec: PairSpec) -> tuple[list[Record], str]:
     target = spec.target
-    records = read_jsonl(pair_data_file(cfg, spec))
+    records = cfg.data.read(pair_data_file(cfg, spec))
     if spec.data_file is None:
         summary = json.loads((Path(cfg.model.organism) / "organism.json").read_text())
         target = target or summary["targets"][spec.variant]
@@ -404,9 +404,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
     from tqdm.auto import tqdm
     from . import provenance, report
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ProjLensError(f"--out {out} is a file; pass a folder")
+    out = check_writable_folder(out)   # before any work: not after the steps, with a traceback
     log = log or (lambda msg: None)
     if cfg.run.tp_size is not None:   # before anything is written, not at the first model load
         from ..model.load import require_ranks

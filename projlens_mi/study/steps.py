@@ -83,11 +83,10 @@ def model_fingerprint(source: str, revision: str | None, memo: dict) -> dict:
     return {f.name: file_sha256(f, memo) for f in files}
 
 
-def data_fingerprint(file: str, memo: dict) -> str:
+def data_fingerprint(cfg: StudyConfig, file: str, memo: dict) -> str:
     """Hash of the JSONL file and every image it names (content)."""
-    from ..data import read_jsonl
     h = hashlib.sha256(Path(file).read_bytes())
-    for r in read_jsonl(file):
+    for r in cfg.data.read(file):
         h.update(file_sha256(Path(r.image), memo).encode())
     return h.hexdigest()[:20]
 
@@ -148,12 +147,12 @@ def fingerprint_pairs(cfg: StudyConfig, pairs: list[PairSpec]) -> None:
     for p in pairs:
         if cfg.is_organism:
             material = {"organism": organism_key(cfg), "variant": p.variant,
-                        "data": data_fingerprint(p.data_file, memo) if p.data_file else "organism", **data_common}
+                        "data": data_fingerprint(cfg, p.data_file, memo) if p.data_file else "organism", **data_common}
         else:
             material = {"base": model_fingerprint(p.base, cfg.model.revision, memo),
                         "poisoned": model_fingerprint(p.poisoned, cfg.model.revision, memo),
                         "control": model_fingerprint(p.control, cfg.model.revision, memo) if p.control else None,
-                        "data": data_fingerprint(p.data_file, memo), **data_common}
+                        "data": data_fingerprint(cfg, p.data_file, memo), **data_common}
         p.fingerprint = digest(material)
     _save_memo(memo)
 
