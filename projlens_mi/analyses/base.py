@@ -88,7 +88,7 @@ class Pair:
         else:
             pairs = list(zip(clean, trig))
         pairs = pairs[:n]
-        return Matched([Record(c.image, t.prompt, t.answer, False, self.target_of(t), dict(c.meta)) for c, t in pairs],
+        return Matched([Record(c.image, t.prompt, t.answer, False, self.target_of(t), dict(c.meta), c.max_pixels) for c, t in pairs],
                        [replace(t, target=self.target_of(t)) for _, t in pairs])
 
     @classmethod
