@@ -151,7 +151,8 @@ def _record(obj, where: str, folder: Path, *, labels: bool, image_token: str | N
     prompt = _text(obj, "prompt", where)
     if image_token is not None and prompt.count(image_token) != 1:
         raise ProjLensError(f"{where}: the prompt holds the image placeholder {image_token!r} {prompt.count(image_token)} "
-                            "times; it needs it exactly once (where the image goes; data.image_token sets another placeholder)")
+                            "times; it needs it exactly once, where the image goes (another placeholder: [data] image_token, "
+                            "read_jsonl(image_token=...))")
     answer = _text(obj, "answer", where, required=labels)
     target = None if obj.get("target") is None else _text(obj, "target", where)
     image = _image_path(obj, folder, where, allow_outside, max_pixels)

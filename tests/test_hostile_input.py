@@ -244,16 +244,33 @@ def test_out_under_a_file_fails_before_any_work(user):
     assert check_writable_folder(user / "new" / "deeper") == user / "new" / "deeper" and not (user / "new").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permissions (the check is os.access)")
 def test_out_in_an_unwritable_folder_fails_before_any_work(user):
-    locked = user / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
+    """The CLI as an unprivileged user (root writes through permissions: as root, run it as nobody)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    base = Path(tempfile.mkdtemp())
     try:
-        res = CliRunner().invoke(app, ["study", "run", str(_write(user, MINIMAL)), "--out", str(locked / "o")])
-        assert res.exit_code == 2 and "cannot write in" in res.output and res.output.count("\n") == 1, res.output
+        shutil.copytree(user, base / "u")
+        _write(base / "u", MINIMAL)
+        locked = base / "locked"
+        locked.mkdir()
+        for p in [base, *base.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        locked.chmod(0o555)
+        cmd = [sys.executable, "-m", "projlens_mi.cli", "study", "run", str(base / "u" / "study.toml"), "--out", str(locked / "o")]
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv: cannot drop privileges")
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        env = {**os.environ, "HOME": str(base), "HF_HUB_OFFLINE": "1"}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert res.stderr.startswith("error: --out ") and "cannot write in" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+        assert not (locked / "o").exists()
     finally:
-        locked.chmod(0o700)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- API
