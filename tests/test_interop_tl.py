@@ -169,3 +169,17 @@ def test_attention_pattern_through_tl_equals_the_engine(setup):
     real = inputs.attention_mask.bool()
     assert cache[name].shape == ours.shape
     torch.testing.assert_close(cache[name].permute(0, 2, 1, 3)[real], ours.permute(0, 2, 1, 3)[real], **TOL)
+
+
+def test_pattern_edit_through_tl_equals_the_engine(setup):
+    """An edit of blocks.1.attn.hook_pattern re-weights the values in TL's bridge as in the engine."""
+    _, handle, tl, inputs, _ = setup
+    off = torch.tensor([0.0, 1.0, 1.0, 1.0])[:, None, None]
+    edits = [("blocks.1.attn.hook_pattern", pl.Hook(lambda w: w * off))]
+    theirs = tl_patch(tl, inputs, edits).logits
+    with pl.eager_attention(handle):
+        ours = run(handle, inputs, edits=edits).logits
+        plain = run(handle, inputs).logits
+    real = inputs.attention_mask.bool()
+    torch.testing.assert_close(theirs[real], ours[real], **TOL)
+    assert (ours[real] - plain[real]).abs().max() > 1e-3

@@ -150,19 +150,15 @@ class Plan:
             if e.site.point == "vision.out":
                 raise ProjLensError("vision.out is read-only (the projector reads the tower's hidden states); "
                                     "edit projector.in instead")
-            if is_pattern(e.site.point):
-                raise ProjLensError(f"{e.site.point} is read-only (the pattern is formed inside the attention "
-                                    f"function, after which nothing reads it); edit llm.{e.site.layer}.attn_out or "
-                                    "the residual stream, or use TransformerLens' hook_pattern (engine.interop)")
             by_point.setdefault(e.site.point, ([], []))[0].append(e)
         if grads and "vision.out" in by_point:
             raise ProjLensError("gradients are not taken at vision.out (read-only); use projector.in, which the "
                                 "projector reads from the tower")
         for point in by_point:
             if is_pattern(point):
-                if grads:
-                    raise ProjLensError(f"gradients are not taken at {point} (read-only: nothing downstream reads "
-                                        "the returned pattern); take them at attn_out or the residual stream")
+                if grads and by_point[point][1]:
+                    raise ProjLensError(f"gradients are not taken at {point} (nothing downstream reads the returned "
+                                        "pattern); take them at attn_out or the residual stream")
                 impl = attention or attention_implementation(handle)
                 if impl != "eager":
                     raise ProjLensError(f"{point} needs eager attention, but the model runs {impl!r}, which never "
@@ -279,6 +275,7 @@ class _TraceLock:
     def __init__(self):
         self.lock = threading.RLock()
         self.depth = 0
+        self.sourced: list = []   # modules nnsight source-instrumented during this entry (pattern edits)
 
 
 _LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, _TraceLock]" = weakref.WeakKeyDictionary()
@@ -313,6 +310,22 @@ def exclusive(handle: ModelHandle):
             yield
         finally:
             tl.depth -= 1
+            while tl.sourced:   # instrumented during the trace this entry ran (never entered inside a trace)
+                _unsource(tl.sourced.pop())
+
+
+def _unsource(module: torch.nn.Module) -> None:
+    """Give a module back the forward it had before nnsight's ``.source`` instrumented it.
+
+    ``envoy.source`` permanently replaces the module's forward with an instrumented copy (inert
+    outside a trace, but compiled against a snapshot of the module's globals, so a later
+    monkeypatch of e.g. ``modeling_llama.eager_attention_forward`` no longer reaches it). The
+    engine uses it only to edit attention patterns, and undoes it when the trace is over.
+    """
+    from nnsight.intervention.source import STATE
+    state = module.__dict__.get(STATE)
+    if state is not None and state.sourced:
+        state.body, state.compiled, state.sourced = state.original, None, False
 
 
 def attention_implementation(handle: ModelHandle) -> str:
@@ -370,15 +383,13 @@ def _drive_points(handle, inputs, plan, state, prefix=0):
         if point.startswith("linear:"):
             _swap_weights(handle, point[7:], edits, len(inputs))
             continue
+        if is_pattern(point):
+            _drive_pattern(handle, point, edits, reads, len(inputs), state)
+            continue
         env_mod, attr = _accessor(handle, point)
         raw = getattr(env_mod, attr)
         tuple_out = isinstance(raw, tuple)
         act = raw[0] if tuple_out else raw
-        if is_pattern(point):
-            act = raw[1] if tuple_out and len(raw) > 1 else None
-            if act is None:
-                raise ProjLensError(f"{point}: the attention module returned no pattern (family "
-                                    f"{handle.adapter.family}); only eager attention forms it")
         if point == "vision.out":
             act = act.last_hidden_state if hasattr(act, "last_hidden_state") else act[0]
         ctx = _context(handle, point, act, inputs, order, prefix)
@@ -400,6 +411,45 @@ def _drive_points(handle, inputs, plan, state, prefix=0):
         for s in reads:
             v = _read(handle, s, new, ctx, len(inputs))
             state["cache"][s] = v if plan.grads else v.detach()
+
+
+def _drive_pattern(handle, point, edits, reads, batch, state):
+    """``llm.{i}.pattern``. An edit goes to the softmax inside the eager attention function (nnsight
+    source tracing), so the edited weights are the ones that multiply the values; a read takes the
+    pattern the attention module returns (after any edit)."""
+    env_attn, _ = _accessor(handle, point)
+    if edits:
+        _LOCKS[handle.model].sourced.append(env_attn._module)   # undone when the trace is over (exclusive)
+        op = _softmax_op(handle, env_attn, point)
+        buf = op.output.clone()
+        ctx = TokenContext(n_tokens=buf.shape[-1], image_point=False)   # whole-pattern edits: no selector
+        picks: dict = {}
+        for e in edits:
+            _apply(point, buf, e, ctx, batch, picks)
+        op.output = buf
+    if reads:
+        raw = env_attn.output
+        pattern = raw[1] if isinstance(raw, tuple) and len(raw) > 1 else None
+        if pattern is None:
+            raise ProjLensError(f"{point}: the attention module returned no pattern (family {handle.adapter.family}); "
+                                "only eager attention forms it")
+        for s in reads:
+            state["cache"][s] = pattern.detach()
+
+
+def _softmax_op(handle, env_attn, point):
+    """The softmax call inside the attention function that the attention module calls (inside a trace)."""
+    calls = [op for op in env_attn.source if op.name.startswith("attention_interface_")]
+    inner = []
+    if calls:
+        try:
+            inner = [op for op in calls[-1].source if "softmax" in op.name]
+        except Exception:   # noqa: BLE001 - nnsight's SourceNotAvailable and kin: the one-line error below
+            inner = []
+    if len(inner) != 1:
+        raise ProjLensError(f"{point}: cannot find the one softmax of {handle.adapter.family}'s eager attention "
+                            f"function ({len(inner)} found), so its pattern cannot be edited; read it, or edit attn_out")
+    return inner[0]
 
 
 def _accessor(handle: ModelHandle, point: str):
