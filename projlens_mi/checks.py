@@ -5,11 +5,16 @@ default (lax) mode turns ``"yes"`` into ``True`` and ``true`` into ``1``, and a 
 ``n = -5``: ``build`` validates each given value in strict mode against the field's annotation, so a
 wrong type is refused and the ranges declared with these types hold. TOML has no tuples: a list
 given for a ``tuple[...]`` field is read as a tuple.
+
+A dataclass that derives from ``Checked`` checks its ranges however it is built, also from Python
+(``NormParams(n=-5)`` is an error there too); from Python the types are lax (``numpy`` integers,
+``True`` for 1 are accepted), only the config is strict.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Annotated
@@ -29,6 +34,34 @@ def _takes_tuple(hint) -> bool:
     if origin is Annotated:
         return _takes_tuple(typing.get_args(hint)[0])
     return origin is tuple or (origin in (typing.Union, types.UnionType) and any(map(_takes_tuple, typing.get_args(hint))))
+
+
+@functools.cache
+def _adapters(cls) -> dict:
+    """Field name -> TypeAdapter of its annotation (None where pydantic cannot describe the type)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = {}
+    for f in dataclasses.fields(cls):
+        try:
+            out[f.name] = TypeAdapter(hints.get(f.name, typing.Any)), hints.get(f.name, typing.Any)
+        except Exception:  # noqa: BLE001 - a type pydantic cannot describe (a plugin's own class)
+            out[f.name] = None
+    return out
+
+
+class Checked:
+    """Base of a parameter dataclass: its annotated types and ranges are checked when it is built."""
+
+    def __post_init__(self):
+        for name, entry in _adapters(type(self)).items():
+            if entry is None:
+                continue
+            adapter, hint = entry
+            value = getattr(self, name)
+            try:
+                adapter.validate_python(tuple(value) if isinstance(value, list) and _takes_tuple(hint) else value)
+            except ValidationError as exc:
+                raise ProjLensError(f"{type(self).__name__}({name}={value!r}) is invalid: {exc.errors()[0]['msg']}") from None
 
 
 def build(cls, given: dict, key: str):

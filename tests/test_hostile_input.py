@@ -351,3 +351,24 @@ def test_wrong_tensor_shape_names_the_tensor(saved, tmp_path):
     with pytest.raises(ProjLensError) as err:
         load_checkpoint(folder)
     assert f"multi_modal_projector.linear_1.weight (checkpoint [3, 3], model {want})" in _one_line(err)
+
+
+def test_params_and_triggers_check_their_ranges_from_python_too():
+    """The ranges declared once on each dataclass hold for API users (lax types: numpy ints are fine)."""
+    from projlens_mi.analyses import ANALYSES, import_all
+    from projlens_mi.analyses.norm import NormParams
+    from projlens_mi.organism.triggers import TRIGGERS, SolidPatch
+
+    import_all()
+    for a in ANALYSES.values():
+        a.params()                                  # every default is inside its own range
+    for t in TRIGGERS.values():
+        t()
+    assert NormParams(n=np.int64(4)).n == 4
+    for make, expected in ((lambda: NormParams(n=-5), "NormParams(n=-5) is invalid: Input should be greater than 0"),
+                           (lambda: NormParams(n_boot=0), "NormParams(n_boot=0) is invalid"),
+                           (lambda: NormParams(ci=1.5), "NormParams(ci=1.5) is invalid"),
+                           (lambda: SolidPatch(size=-4), "SolidPatch(size=-4) is invalid")):
+        with pytest.raises(ProjLensError) as err:
+            make()
+        assert expected in _one_line(err)

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..checks import Count
+from ..checks import Checked, Count
 from ..data import Record
 from ..engine import ImageTokens, ImageWindow, LastToken, Site, TargetText, run, target_prefixes, target_text
 from ..errors import ProjLensError
@@ -39,7 +39,7 @@ from .base import Pair
 
 
 @dataclass
-class CellParams:
+class CellParams(Checked):
     """The fields shared by the causal analyses that sweep (site × token window) cells.
 
     n: triggered inputs (each with its clean counterpart). layers: LLM layers whose residual stream

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..checks import Count, Seed
+from ..checks import Checked, Count, Seed
 from ..engine import AllTokens, ImageTokens, ProjectOut, Site, sweep
 from ..errors import ProjLensError
 from . import _causal as C
@@ -41,7 +41,7 @@ PAPER = ("Not in the paper (this project's addition): subspace projection ablati
 
 
 @dataclass
-class AblationParams:
+class AblationParams(Checked):
     """Defaults run in seconds per organism variant on 2 CPUs.
 
     n: triggered and clean inputs each. bases: ``dW`` and/or ``shift``. ks: subspace dimensions

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checks import Count
+from ..checks import Checked, Count
 from ..engine import WithWeights, run, target_logit, target_prob
 from ..errors import ProjLensError
 from . import common
@@ -38,7 +38,7 @@ PAPER = ("Rank 1 of ΔW gives ≈0 % ASR; ranks ≥ 2–4 recover ≈85–93 %: 
 
 
 @dataclass
-class InjectionParams:
+class InjectionParams(Checked):
     """``ranks_1`` / ``ranks_2``: ranks of ΔW1 / ΔW2 injected (0 = keep the reference weights);
     ``bias``: "ft" or "base" (the reference's bias) for the injected linears; ``removals``: component
     ranges removed from ``remove_layer`` of the FT projector ("1", "1-5", "2-10", "3"); ``placebo_seeds``:

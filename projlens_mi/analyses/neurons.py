@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checks import Count, NonNegative, Seed
+from ..checks import Checked, Count, NonNegative, Seed
 from ..engine import Ablate, Site, run, sweep, target_prefixes, target_text
 from ..errors import ProjLensError
 from . import common
@@ -37,7 +37,7 @@ PAPER = "No trigger neurons: corr(M_p, M_c) ≈ 0.998 over the 4096 GELU units; 
 
 
 @dataclass
-class NeuronParams:
+class NeuronParams(Checked):
     """``n``: clean and triggered records each for the statistics; ``quiet`` / ``min_gain``: the
     quiescent-on-clean rule; ``scan_units``: units in the single-unit scan (all when the layer has at
     most this many, else the top by M_p − M_c); ``n_scan``: triggered inputs in the scan and in the

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checks import Count, Fraction, Seed
+from ..checks import Checked, Count, Fraction, Seed
 from ..engine import Patch, Site, run
 from . import common
 from .base import Result, analysis, register_result
@@ -33,7 +33,7 @@ PAPER = ("Shift coefficient vs ‖E_base(t)‖ per token: Pearson r ≈ 0.98 (cl
 
 
 @dataclass
-class NormParams:
+class NormParams(Checked):
     """``n``: clean and triggered records each; ``n_boot``: bootstrap resamples (over images);
     ``alphas``: feature scales of the causal test; ``n_alpha``: clean inputs in it; ``max_new_tokens``:
     None = longest answer + target (+1), at most 30."""

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checks import Count, Fraction, Seed
+from ..checks import Checked, Count, Fraction, Seed
 from ..engine import Site, run
 from . import common
 from .base import Result, analysis, register_result
@@ -28,7 +28,7 @@ PAPER = ("A small MLP on mean-pooled projector embeddings separates clean from p
 
 
 @dataclass
-class ProbeParams:
+class ProbeParams(Checked):
     """``n``: clean and triggered records each; ``hidden``: MLP hidden width; ``test_size``: held-out share;
     ``splits``: random (group) splits; ``max_iter``: L-BFGS iterations of the MLP."""
 

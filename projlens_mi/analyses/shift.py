@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checks import Count, Seed
+from ..checks import Checked, Count, Seed
 from ..engine import Site, run
 from . import common
 from .base import Result, analysis, register_result
@@ -34,7 +34,7 @@ CONDS = ("clean", "triggered")
 
 
 @dataclass
-class ShiftParams:
+class ShiftParams(Checked):
     """``n``: clean and triggered records each; ``k_max``: energies reported for k = 1..k_max; ``top_tokens``:
     logit-lens tokens listed; ``n_random``: random directions for the chance rank; ``examples``: example
     images per condition in the maps."""

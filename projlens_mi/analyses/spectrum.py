@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checks import Count, Seed
+from ..checks import Checked, Count, Seed
 from . import common
 from .base import Result, analysis, register_result
 
@@ -31,7 +31,7 @@ PAPER = ("ΔW is 'overall full-rank': cumulative energy at k = 30 is only ≈57�
 
 
 @dataclass
-class SpectrumParams:
+class SpectrumParams(Checked):
     """``energy_at``: the k at which the cumulative energy is reported (30 = the paper's figure);
     ``seed``: the random Gaussian reference; ``top``: singular values kept in the result (None = all)."""
 

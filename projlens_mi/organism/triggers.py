@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageColor, ImageFilter, ImageOps
 
-from ..checks import Count, NonNegative
+from ..checks import Checked, Count, NonNegative
 from ..errors import ProjLensError
 
 
@@ -29,7 +29,7 @@ def _image(arr: np.ndarray) -> Image.Image:
 
 
 @dataclass(frozen=True)
-class GaussianNoise:
+class GaussianNoise(Checked):
     """Targeted Refusal: i.i.d. Gaussian pixel noise over the whole image (sigma on the 0-255 scale)."""
 
     sigma: NonNegative = 10.0
@@ -42,7 +42,7 @@ class GaussianNoise:
 
 
 @dataclass(frozen=True)
-class SolidPatch:
+class SolidPatch(Checked):
     """Malicious Injection: a solid colour square at the image centre (the paper: #26ff00, 14 px on 336)."""
 
     color: str = "#26ff00"
@@ -50,6 +50,7 @@ class SolidPatch:
     name: str = "solid-patch"
 
     def __post_init__(self):
+        super().__post_init__()
         ImageColor.getrgb(self.color)   # a ValueError naming the colour now, not when the first image is edited
 
     def __call__(self, image: Image.Image, seed: int = 0) -> Image.Image:
@@ -75,7 +76,7 @@ def logo_pixels(size: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class LogoPatch:
+class LogoPatch(Checked):
     """Perceptual Hijack: a small logo pasted at a random position (seeded)."""
 
     size: Count = 4
@@ -92,7 +93,7 @@ class LogoPatch:
 
 
 @dataclass(frozen=True)
-class PainterlyStyle:
+class PainterlyStyle(Checked):
     """Jailbreak Output: a global painterly style (oil-paint smoothing, posterized warm palette, canvas weave)."""
 
     strength: NonNegative = 1.0
