@@ -26,7 +26,7 @@ def summary(v, depth: int = 0):
         for s in shape:
             n *= int(s)
         return {"shape": [int(s) for s in shape], "dtype": str(v.dtype),
-                "values": summary(v.tolist(), depth + 1) if n <= 4096 else None}
+                "values": summary(v.tolist(), depth + 1) if n <= 200_000 else None}
     if hasattr(v, "columns") and hasattr(v, "index"):
         return {"columns": [str(c) for c in v.columns], "rows": len(v)}
     if depth < 6 and isinstance(v, (list, tuple)):

@@ -149,6 +149,11 @@ def claims_interactive(v: dict, cwd: Path, full: bool) -> None:
 
 
 def claims_engine(v: dict, cwd: Path, full: bool) -> None:
+    import numpy as np
+    pattern = np.array(v["pattern"]["values"])             # [rows, heads, query, key]
+    assert pattern.ndim == 4 and pattern.shape[0] == 4 and pattern.shape[2] == pattern.shape[3]
+    assert np.allclose(pattern[:, :, -1].sum(-1), 1.0, atol=1e-5) and (pattern >= 0).all()   # real query rows sum to 1
+    assert v["table"]["columns"] == ["-3", "-2", "-1"] and 3 * v["table"]["rows"] == len(v["cells"])   # layers × positions
     assert v["corner"]["shape"][:2] == [4, 4]                # 4 rows × the 2×2 region's 4 tokens
     assert v["corner"]["shape"][2] == v["clean_cache"]["Site('llm.1.resid_pre')"]["shape"][2]   # d (the LLM's width)
 

@@ -65,3 +65,12 @@ def test_organism_rows_differ_unless_matched():
     m = p.matched(16)
     assert len(m.triggered) == 16
     assert all(c.prompt == t.prompt and c.meta["id"] == t.meta["id"] for c, t in zip(*m))
+
+
+def test_from_organism_defaults_to_the_demos_organism(monkeypatch, tmp_path):
+    """``folder`` None = ``$PROJLENS_CACHE/organism`` (read when called), with a one-line error naming it."""
+    monkeypatch.setenv("PROJLENS_CACHE", str(tmp_path))
+    with pytest.raises(ProjLensError, match=f"{tmp_path}/organism holds no organism.json; .*projlens demo"):
+        Pair.from_organism(variant="malicious-injection")
+    with pytest.raises(ProjLensError, match="name the organism variant"):
+        Pair.from_organism()
