@@ -164,12 +164,23 @@ def test_missing_config_file(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("name", ["quickstart.toml", "llava15-paper.toml"])
+@pytest.mark.parametrize("name", ["quickstart.toml", "llava15-paper.toml", "organism-full.toml"])
 def test_shipped_studies_validate_and_say_what_question_they_answer(name):
     path = REPO / "studies" / name
     assert path.read_text().lstrip().startswith("#") and "Question" in path.read_text().split("\n\n")[0] + path.read_text()[:2000]
     cfg = load_config(path)
     assert cfg.study.question
+
+
+def test_full_organism_study_gives_every_analysis_every_held_out_input():
+    """docs/findings.md rests on it: no analysis may silently fall back to its default cap (16-100 inputs)."""
+    from projlens_mi.organism.config import OrganismConfig
+    cfg = load_config(REPO / "studies" / "organism-full.toml")
+    assert cfg.data.n is None and len(cfg.model.variants) == 4
+    for a in cfg.enabled_analyses():
+        for key in ("n", "n_scan", "n_alpha"):
+            if hasattr(a.params, key):
+                assert getattr(a.params, key) in (None, OrganismConfig().n_test), (a.name, key)
 
 
 def test_paper_study_plans_without_weights(tmp_path):

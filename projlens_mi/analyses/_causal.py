@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -47,7 +48,8 @@ class CellParams(Checked):
     (plus ``image`` = all image tokens and ``last`` = the last prompt position if ``last_token``).
     metric: ``prob`` | ``logprob`` | ``first_prob``. prefix: ``auto`` | ``none`` (see this module);
     max_new_tokens: length of the greedy generation that finds the prefix. model: which model of
-    the pair runs (``poisoned`` | ``base`` | ``control``). batch_size: rows per packed pass.
+    the pair runs (``poisoned`` | ``base`` | ``control``). batch_size: rows per packed pass. n_boot:
+    bootstrap resamples (over the inputs) of the 95 % CIs.
     """
 
     n: Count = 16
@@ -60,6 +62,7 @@ class CellParams(Checked):
     model: str = "poisoned"
     batch_size: Count = 256
     progress: bool = True
+    n_boot: Count = common.N_BOOT
 
 METRICS = ("prob", "logprob", "first_prob")
 METRIC_LABEL = {"prob": "p(target text)", "logprob": "log p(target text) [nats]", "first_prob": "p(first target token)"}
@@ -286,6 +289,34 @@ def normalised(value: float, low: float, high: float, eps: float = 1e-9) -> floa
     return float("nan") if abs(den) < eps else (value - low) / den
 
 
+def normalised_boot(table: pd.DataFrame, keys: list[str], index: dict, shape: tuple, low: np.ndarray,
+                    high: np.ndarray, counts: np.ndarray, flip=lambda key: False) -> np.ndarray:
+    """Bootstrap resamples ``[n_boot, *shape]`` of ``normalised(mean patched, mean low, mean high)`` per cell
+    of a per-input sweep ``table`` (columns ``keys`` + ``input``, ``value``; rows of one cell and input,
+    e.g. placebo seeds, are averaged first). ``counts`` (``common.resample_counts``) resamples the inputs
+    as units: an input's patched value and both its baselines move together. ``index``: key tuple ->
+    cell index; ``flip(key)``: ``1 − normalised`` (noising's drop). NaN where the baselines coincide."""
+    n = len(low)
+    out = np.full((len(counts), *shape), np.nan)
+    lo_b, hi_b = counts @ np.asarray(low, np.float64) / n, counts @ np.asarray(high, np.float64) / n
+    den = hi_b - lo_b
+    per = table.groupby([*keys, "input"])["value"].mean()
+    for key, g in per.groupby(level=list(range(len(keys)))):
+        v = g.droplevel(list(range(len(keys)))).reindex(range(n)).to_numpy(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(np.abs(den) < 1e-9, np.nan, (counts @ v / n - lo_b) / den)
+        key = key if isinstance(key, tuple) else (key,)
+        out[(slice(None), *index[key])] = 1.0 - r if flip(key) else r
+    return out
+
+
+def normalised_ci(table: pd.DataFrame, keys: list[str], index: dict, shape: tuple, low: np.ndarray,
+                  high: np.ndarray, n_boot: int, flip=lambda key: False) -> np.ndarray:
+    """``[2 (lo, hi), *shape]``: percentile 95 % CIs of ``normalised_boot``."""
+    boot = normalised_boot(table, keys, index, shape, low, high, common.resample_counts(len(low), n_boot, 0), flip)
+    return np.stack(common.percentile_ci(boot))
+
+
 def generated_texts(handle: ModelHandle, x: Inputs, configs: list[list], max_new_tokens: int,
                     max_rows: int = 512) -> list[list[str]]:
     """Greedy generations of every row of ``x`` under each edit configuration. Configurations are
@@ -301,18 +332,15 @@ def generated_texts(handle: ModelHandle, x: Inputs, configs: list[list], max_new
     return out
 
 
-def generated_rates(handle: ModelHandle, trig_recs, clean_recs, target_of, configs: list[list],
-                    max_new_tokens: int) -> list[tuple[float, float]]:
-    """Per edit configuration: (ASR on the triggered records, clean accuracy on the clean records)."""
+def generated_hits(handle: ModelHandle, trig_recs, clean_recs, target_of, configs: list[list],
+                   max_new_tokens: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per edit configuration: (target hit per triggered record, answer hit per clean record); their
+    means are the ASR and the clean accuracy."""
     k = len(trig_recs)
     targets = [target_of(r) for r in trig_recs]
     answers = [r.answer for r in clean_recs]
-    out = []
-    for block in generated_texts(handle, handle.encode(trig_recs + clean_recs), configs, max_new_tokens):
-        asr = float(common.hits(block[:k], targets).mean()) if k else float("nan")
-        acc = float(common.hits(block[k:], answers).mean()) if clean_recs else float("nan")
-        out.append((asr, acc))
-    return out
+    return [(common.hits(block[:k], targets), common.hits(block[k:], answers))
+            for block in generated_texts(handle, handle.encode(trig_recs + clean_recs), configs, max_new_tokens)]
 
 
 def figure(rows: int, cols: int, figsize: tuple[float, float]):

@@ -30,6 +30,7 @@ from ..checks import Checked, Count, Seed
 from ..engine import AllTokens, ImageTokens, ProjectOut, Site, sweep
 from ..errors import ProjLensError
 from . import _causal as C
+from . import common
 from .base import Pair, Result, analysis, register_result
 from ._causal import figure as _figure
 
@@ -50,6 +51,8 @@ class AblationParams(Checked):
     placebo_seeds: one random subspace per seed and k. metric: ``prob`` | ``logprob`` |
     ``first_prob`` (target on triggered inputs; the same kind of number for the answer on clean
     inputs). generate / max_new_tokens: ASR and clean accuracy by generation at every site.
+    n_boot: bootstrap resamples (over inputs) of the 95 % CIs of ASR and clean accuracy (a placebo's:
+    of its mean over seeds).
     """
 
     n: Count = 16
@@ -65,6 +68,7 @@ class AblationParams(Checked):
     model: str = "poisoned"
     batch_size: Count = 256
     progress: bool = True
+    n_boot: Count = common.N_BOOT
 
 
 @register_result
@@ -87,6 +91,9 @@ class AblationResult(Result):
     metric: str = "prob"
     n: int = 0
     variant: str = ""
+    asr_ci: np.ndarray = None       # [2 (lo, hi), basis, k, site] bootstrap 95 % over inputs (None: stored before)
+    accuracy_ci: np.ndarray = None
+    baseline_ci: dict = field(default_factory=dict)   # "asr" / "accuracy" -> [lo, hi]
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -152,6 +159,8 @@ class AblationResult(Result):
 
     def _metrics(self) -> dict:
         out = {"baseline": dict(self.baseline), "ks": list(self.ks)}
+        for m, (lo, hi) in self.baseline_ci.items():
+            out["baseline"][f"{m}_lo"], out["baseline"][f"{m}_hi"] = lo, hi
         for name in self.bases:
             t, c = self._at(name)
             out[name] = {"target_projector_out": [float(v) for v in t], "clean_projector_out": [float(v) for v in c]}
@@ -161,6 +170,10 @@ class AblationResult(Result):
                     tag = "" if site == "projector.out" else "_" + site.replace(".", "_")
                     out[name][f"asr{tag}"] = [float(v) for v in self.asr[b, :, s]]
                     out[name][f"clean_accuracy{tag}"] = [float(v) for v in self.accuracy[b, :, s]]
+                    for m, ci in (("asr", self.asr_ci), ("clean_accuracy", self.accuracy_ci)):
+                        if ci is not None:
+                            out[name][f"{m}{tag}_lo"] = [float(v) for v in ci[0, b, :, s]]
+                            out[name][f"{m}{tag}_hi"] = [float(v) for v in ci[1, b, :, s]]
         return out
 
     def summary(self) -> str:
@@ -265,17 +278,31 @@ def ablation(pair: Pair, params: AblationParams = AblationParams()) -> AblationR
             sds[kind][idx[1:]] = g["value"].std(ddof=0)
     asr, acc = np.full(shape, np.nan), np.full(shape, np.nan)
     asr_sd, acc_sd = np.full(shape[1:], np.nan), np.full(shape[1:], np.nan)
+    asr_ci, acc_ci = np.full((2, *shape), np.nan), np.full((2, *shape), np.nan)
+    base_ci = {}
     baseline = {"target": float(C.score_of(h, s_trig).mean()), "clean": float(C.score_of(h, s_clean).mean())}
     if p.generate:
         # every site: at residual sites generate edits the prompt's positions in the prefill pass
-        rates = C.generated_rates(h, trig, clean, pair.target_of, [[]] + [edits for _, edits in cells],
-                                  p.max_new_tokens)
-        baseline["asr"], baseline["accuracy"] = rates[0]
-        gen = pd.DataFrame([{**key, "asr": a, "accuracy": b} for (key, _), (a, b) in zip(cells, rates[1:])])
-        for (name, k, site), g in gen.groupby(["basis", "k", "site"]):
+        hits = C.generated_hits(h, trig, clean, pair.target_of, [[]] + [edits for _, edits in cells],
+                                p.max_new_tokens)
+        c_trig = common.resample_counts(len(trig), p.n_boot, 0)     # the same resamples for every cell
+        c_clean = common.resample_counts(len(clean), p.n_boot, 1)
+        t0, a0 = hits[0]
+        baseline["asr"], baseline["accuracy"] = float(t0.mean()), float(a0.mean())
+        base_ci = {"asr": list(common.mean_ci(t0.astype(float), counts=c_trig)),
+                   "accuracy": list(common.mean_ci(a0.astype(float), counts=c_clean))}
+        groups: dict = {}
+        for (key, _), hit in zip(cells, hits[1:]):
+            groups.setdefault((key["basis"], key["k"], key["site"]), []).append(hit)
+        for (name, k, site), hs in groups.items():
             i = (names.index(name), ks.index(k), points.index(site))
-            asr[i], acc[i] = g["asr"].mean(), g["accuracy"].mean()
+            t = np.mean([a for a, _ in hs], 0)      # per input: the mean over placebo seeds (one config otherwise)
+            c = np.mean([b for _, b in hs], 0)
+            asr[i], acc[i] = t.mean(), c.mean()
+            asr_ci[(slice(None), *i)] = common.mean_ci(t, counts=c_trig)
+            acc_ci[(slice(None), *i)] = common.mean_ci(c, counts=c_clean)
             if name == "random":
-                asr_sd[i[1:]], acc_sd[i[1:]] = g["asr"].std(ddof=0), g["accuracy"].std(ddof=0)
+                asr_sd[i[1:]] = np.std([a.mean() for a, _ in hs])
+                acc_sd[i[1:]] = np.std([b.mean() for _, b in hs])
     return AblationResult(names, ks, points, arrs["target"], arrs["clean"], sds["target"], sds["clean"], asr, acc,
-                          asr_sd, acc_sd, baseline, per, p.metric, len(trig), pair.name)
+                          asr_sd, acc_sd, baseline, per, p.metric, len(trig), pair.name, asr_ci, acc_ci, base_ci)

@@ -30,6 +30,7 @@ from ..checks import Count
 from ..engine import Site, run
 from ..errors import ProjLensError
 from . import _causal as C
+from . import common
 from .base import Pair, Result, analysis, register_result
 from ._causal import figure as _figure
 from .patching import DIRECTIONS, effects, patch_grid
@@ -76,6 +77,7 @@ class AttributionResult(Result):
     model: str = "poisoned"
     n: int = 0
     variant: str = ""
+    spearman_ci: list = field(default_factory=lambda: [float("nan"), float("nan")])   # bootstrap 95 % over inputs
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -127,7 +129,8 @@ class AttributionResult(Result):
         return C.jsonable(self._metrics())
 
     def _metrics(self) -> dict:
-        return {"spearman": self.spearman, "spearman_by_direction": dict(self.spearman_by_direction),
+        return {"spearman": self.spearman, "spearman_lo": self.spearman_ci[0], "spearman_hi": self.spearman_ci[1],
+                "spearman_by_direction": dict(self.spearman_by_direction),
                 "pearson": self.pearson, "top_k": self.top_k, "top_k_overlap": self.top_k_overlap,
                 "cost": dict(self.cost), "clean_mean": self.clean_mean, "triggered_mean": self.triggered_mean}
 
@@ -194,8 +197,8 @@ def attribution(pair: Pair, params: AttributionParams = AttributionParams()) -> 
     points = C.site_points(c.handle, p.layers)
     wins = C.windows(c.n_image_tokens, p.windows, ("image", "last") if p.last_token else ("image",))
     names, dirs = list(wins), list(p.directions)
-    clean_mean = float(C.score_of(c.handle, c.clean).mean())
-    trig_mean = float(C.score_of(c.handle, c.triggered).mean())
+    clean_s, trig_s = C.score_of(c.handle, c.clean).numpy(), C.score_of(c.handle, c.triggered).numpy()
+    clean_mean, trig_mean = float(clean_s.mean()), float(trig_s.mean())
     table = attribution_grid(c, points, wins, dirs)
     cost = {"attribution": 2 * len(dirs) * c.n}   # per direction: one run with gradients, one plain run
     shape = (len(dirs), len(points), len(names))
@@ -207,12 +210,23 @@ def attribution(pair: Pair, params: AttributionParams = AttributionParams()) -> 
         est[dirs.index(d), points.index(site), names.index(win)] = rec if d == "denoise" else -rec
     actual = np.full(shape, np.nan)
     rho = pear = overlap = float("nan")
-    by = {}
+    by, rho_ci = {}, [float("nan"), float("nan")]
     if p.compare:
         real = patch_grid(c, points, wins, tuple(dirs), batch_size=p.batch_size, progress=p.progress)
         cost["patching"] = len(real) + 2 * c.n   # one row per (cell, input), plus the two cached runs
         actual, _ = effects(real, points, names, dirs, clean_mean, trig_mean)
         rho, pear, overlap = agreement(est, actual, p.top_k)
         by = {d: agreement(est[a], actual[a], p.top_k)[0] for a, d in enumerate(dirs)}
+        # Spearman's CI: resample the inputs, recompute both grids, rank them again. An estimate's row is
+        # its base run's score + Δ, so that normalising it like a patched value gives Δ / gap (denoise)
+        # and, flipped, −Δ / gap (noise): the estimate above.
+        counts = common.resample_counts(c.n, p.n_boot, 0)
+        index = {(d, s, w): (dirs.index(d), points.index(s), names.index(w)) for d in dirs for s in points for w in names}
+        keys, noise = ["direction", "site", "window"], (lambda k: k[0] == "noise")
+        shifted = table.assign(value=table["value"] + np.where(table["direction"] == "denoise", clean_s[table["input"]],
+                                                               trig_s[table["input"]]))
+        est_b = C.normalised_boot(shifted, keys, index, shape, clean_s, trig_s, counts, noise)
+        act_b = C.normalised_boot(real, keys, index, shape, clean_s, trig_s, counts, noise)
+        rho_ci = list(common.percentile_ci(np.array([agreement(e, a, p.top_k)[0] for e, a in zip(est_b, act_b)])))
     return AttributionResult(points, names, dirs, est, actual, rho, by, pear, p.top_k, overlap, clean_mean, trig_mean,
-                             cost, table, p.metric, p.model, c.n, pair.name)
+                             cost, table, p.metric, p.model, c.n, pair.name, rho_ci)

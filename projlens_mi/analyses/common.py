@@ -158,3 +158,43 @@ def figure(rows: int = 1, cols: int = 1, w: float = 4.8, h: float = 3.6):
     fig = Figure(figsize=(w * cols, h * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     return fig, axes
+
+
+# ------------------------------------------------------------------------------------------ bootstrap
+N_BOOT = 1000      # bootstrap resamples of every CI, unless an analysis' ``n_boot`` says otherwise
+
+
+def resample_counts(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """``[n_boot, n]``: how often each of ``n`` inputs is drawn in each bootstrap resample (with replacement).
+
+    Statistics that are sums over inputs are then resampled exactly by ``counts @ per_input``: the
+    resampled statistic of a mean is ``counts @ x / n`` (what drawing ``n`` indices and averaging gives).
+    """
+    if n_boot < 1:
+        raise ProjLensError(f"n_boot must be >= 1 (bootstrap resamples of the 95 % CIs), got {n_boot}")
+    if n < 1:
+        raise ProjLensError("a bootstrap needs at least one input")
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+
+
+def percentile_ci(boot, ci: float = 0.95):
+    """Percentile interval over the first axis of ``boot`` (non-finite resamples ignored): floats for a
+    1-D ``boot``, arrays of the trailing shape otherwise; NaN where no resample is finite."""
+    b = np.asarray(boot, dtype=np.float64)
+    flat = b.reshape(len(b), -1)
+    lo, hi = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
+    for j in range(flat.shape[1]):
+        v = flat[:, j][np.isfinite(flat[:, j])]
+        if len(v):
+            lo[j], hi[j] = np.percentile(v, [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100])
+    if b.ndim == 1:
+        return float(lo[0]), float(hi[0])
+    return lo.reshape(b.shape[1:]), hi.reshape(b.shape[1:])
+
+
+def mean_ci(x, n_boot: int = N_BOOT, seed: int = 0, ci: float = 0.95, counts: np.ndarray | None = None):
+    """Bootstrap percentile CI of the mean over inputs (the first axis of ``x``; further axes are
+    separate statistics resampled with the same draws). ``counts``: reuse resamples (paired CIs)."""
+    x = np.asarray(x, dtype=np.float64)
+    c = resample_counts(len(x), n_boot, seed) if counts is None else counts
+    return percentile_ci(np.tensordot(c, x, axes=(1, 0)) / len(x), ci)

@@ -43,7 +43,8 @@ class InjectionParams(Checked):
     ``bias``: "ft" or "base" (the reference's bias) for the injected linears; ``removals``: component
     ranges removed from ``remove_layer`` of the FT projector ("1", "1-5", "2-10", "3"); ``placebo_seeds``:
     random placebos per removal; ``references``: "base" (ΔW) and/or "control" (ΔW' = W_ft − W_control,
-    skipped without a control); ``n``: clean and triggered records each; ``max_new_tokens``: greedy
+    skipped without a control); ``n``: clean and triggered records each; ``n_boot``: bootstrap
+    resamples of the 95 % CIs of every rate (``asr_lo`` / ``asr_hi``, ...); ``max_new_tokens``: greedy
     generation length for ASR (the paper: 30; None = the longest reference answer plus the target, +1, capped at 30); ``batch_size``: rows per
     pass (cells × inputs)."""
 
@@ -57,6 +58,7 @@ class InjectionParams(Checked):
     n: Count | None = 30
     max_new_tokens: Count | None = None        # None: longest answer + target (+1), at most 30
     batch_size: Count = 1024
+    n_boot: Count = common.N_BOOT                # bootstrap resamples of the 95 % CIs (over inputs)
 
 
 def parse_range(spec: str, rank: int) -> tuple[int, int]:
@@ -158,15 +160,23 @@ def evaluate_cells(handle, records, targets, cells: list[dict], *, max_new_token
                          "target_logit": logit.ravel(), "target_prob": prob.ravel()})
 
 
-def summarise_cells(per: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: ASR (triggered), clean accuracy and false-trigger rate (clean), mean target logit / prob."""
+def summarise_cells(per: pd.DataFrame, n_boot: int = common.N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """Per cell: ASR (triggered), clean accuracy and false-trigger rate (clean), mean target logit / prob;
+    ``<rate>_lo`` / ``<rate>_hi``: bootstrap 95 % CIs over the inputs (triggered and clean resampled
+    separately, the same resamples for every cell)."""
     rows = []
     for c, g in per.groupby("cell", sort=True):
         t, cl = g[g.triggered], g[~g.triggered]
         rows.append({"cell": int(c), "asr": float(t.target_hit.mean()), "clean_accuracy": float(cl.answer_hit.mean()),
                      "false_trigger_rate": float(cl.target_hit.mean()),
                      "target_logit": float(t.target_logit.mean()), "target_prob": float(t.target_prob.mean())})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    for rate, col, flag, seed_off in (("asr", "target_hit", True, 0), ("clean_accuracy", "answer_hit", False, 1),
+                                      ("false_trigger_rate", "target_hit", False, 1)):
+        m = per[per.triggered == flag].pivot(index="record", columns="cell", values=col).reindex(columns=out.cell)
+        if len(m):
+            out[f"{rate}_lo"], out[f"{rate}_hi"] = common.mean_ci(m.to_numpy(float), n_boot, seed + seed_off)
+    return out
 
 
 @register_result
@@ -196,18 +206,25 @@ class InjectionResult(Result):
 
     def metrics(self) -> dict:
         out = {}
+        ci = "asr_lo" in self.cells     # results stored before the CIs existed have none
         for name in ("base_model", "ft_model"):
             r = self._ref(name)
             if r is not None:
-                out[f"{name}.asr"], out[f"{name}.clean_accuracy"] = float(r.asr), float(r.clean_accuracy)
+                for k in ("asr", "clean_accuracy") + (("asr_lo", "asr_hi", "clean_accuracy_lo", "clean_accuracy_hi")
+                                                      if ci else ()):
+                    out[f"{name}.{k}"] = float(r[k])
         for ref in sorted(set(self.cells[self.cells.kind == "inject"].reference)):
-            h = self.heatmap(ref)
-            for r1 in h.index:
-                for r2 in h.columns:
-                    out[f"inject.{ref}.r1_{r1}.r2_{r2}.asr"] = float(h.loc[r1, r2])
+            for k in ("asr", "asr_lo", "asr_hi") if ci else ("asr",):
+                h = self.heatmap(ref, k)
+                for r1 in h.index:
+                    for r2 in h.columns:
+                        out[f"inject.{ref}.r1_{r1}.r2_{r2}.{k}"] = float(h.loc[r1, r2])
         rem = self.cells[self.cells.kind.isin(["remove", "placebo"])]
         for (ref, spec, kind), g in rem.groupby(["reference", "removal", "kind"]):
             out[f"{kind}.{ref}.{spec}.asr"] = float(g.asr.mean())
+            if ci and kind == "remove":
+                out[f"{kind}.{ref}.{spec}.asr_lo"], out[f"{kind}.{ref}.{spec}.asr_hi"] = float(g.asr_lo.iloc[0]), \
+                    float(g.asr_hi.iloc[0])
         return out
 
     def plot(self):
@@ -324,10 +341,10 @@ def injection(pair, params: InjectionParams = InjectionParams()) -> InjectionRes
         mine = [c for c in base_cells if c[2] == ref]
         keys = [c[0] for c in mine] + [{"kind": f"{ref}_model", "reference": ref}]
         per = evaluate_cells(handle, records, targets, [c[1] for c in mine] + [{}], **kw)
-        frames.append(_label(summarise_cells(per), keys))
+        frames.append(_label(summarise_cells(per, params.n_boot), keys))
     keys = [c[0] for c in ft_cells] + [{"kind": "ft_model", "reference": "base"}]
     per = evaluate_cells(pair.poisoned, records, targets, [c[1] for c in ft_cells] + [{}], **kw)
-    frames.append(_label(summarise_cells(per), keys))
+    frames.append(_label(summarise_cells(per, params.n_boot), keys))
     cells = pd.concat(frames, ignore_index=True)
     for col in ("rank_1", "rank_2", "k", "seed"):
         if col in cells:

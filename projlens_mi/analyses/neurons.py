@@ -9,7 +9,9 @@ of the clean and of the triggered inputs, for the base and the fine-tuned model:
 * Pearson correlation of the clean and triggered profiles (M and F over units).
 
 The statistics are accumulated streaming (float64 sums per unit, batch by batch, records encoded
-lazily), so memory does not grow with the number of inputs.
+lazily): no activation is kept, only two per-unit sums per input (activation and firing, for the
+bootstrap 95 % CIs, which resample images), so memory grows by 16 bytes × units per input, never with
+the tokens.
 
 Causal checks on the fine-tuned model, triggered inputs: a single-unit ablation scan (each unit zeroed
 at ``projector.hidden`` on every image token, through a one-column basis edit; the drop of the
@@ -21,7 +23,7 @@ ASR, next to ablating m random units (placebo).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -41,10 +43,11 @@ class NeuronParams(Checked):
     """``n``: clean and triggered records each for the statistics; ``quiet`` / ``min_gain``: the
     quiescent-on-clean rule; ``scan_units``: units in the single-unit scan (all when the layer has at
     most this many, else the top by M_p − M_c); ``n_scan``: triggered inputs in the scan and in the
-    cumulative ablation; ``top_m``: cumulative ablation sizes; ``seed``: the random-unit placebo;
-    ``max_new_tokens``: None = longest answer + target (+1), at most 30; ``prefix``: ``auto`` = score
-    the target token after what the poisoned model says before it (``engine.target_prefixes``),
-    ``none`` = right after the prompt."""
+    cumulative ablation; ``top_m``: cumulative ablation sizes; ``seed``: the random-unit placebo and
+    the bootstrap; ``max_new_tokens``: None = longest answer + target (+1), at most 30; ``prefix``:
+    ``auto`` = score the target token after what the poisoned model says before it
+    (``engine.target_prefixes``), ``none`` = right after the prompt; ``n_boot``: bootstrap resamples of
+    the 95 % CIs (images resampled: the FT profile statistics, cumulative ASR)."""
 
     n: Count | None = 100
     quiet: NonNegative = 0.05
@@ -56,6 +59,7 @@ class NeuronParams(Checked):
     max_new_tokens: Count | None = None
     batch_size: Count = 256
     prefix: str = "auto"
+    n_boot: Count = common.N_BOOT
 
 
 class NeuronStats:
@@ -64,6 +68,7 @@ class NeuronStats:
     def __init__(self, units: int | None = None):
         self.n = 0
         self.sum = self.sumsq = self.fire = None
+        self.images = []         # per input: (Σ activation [units], Σ firing [units], tokens), for the bootstrap
         if units is not None:
             self._init(units)
 
@@ -73,14 +78,17 @@ class NeuronStats:
         self.fire = np.zeros(units)
 
     def update(self, acts) -> None:
-        """Add activations ``[..., units]`` (every leading index is one token)."""
-        a = torch.as_tensor(acts).detach().reshape(-1, acts.shape[-1]).double()
+        """Add activations ``[inputs, tokens, units]`` (or ``[tokens, units]``: one input)."""
+        t = torch.as_tensor(acts).detach().double()
+        t = t.reshape(1, -1, t.shape[-1]) if t.dim() < 3 else t.reshape(t.shape[0], -1, t.shape[-1])
+        a = t.reshape(-1, t.shape[-1])
         if self.sum is None:
             self._init(a.shape[1])
         self.n += a.shape[0]
         self.sum += a.sum(0).numpy()
         self.sumsq += (a * a).sum(0).numpy()
         self.fire += (a > 0).sum(0).double().numpy()
+        self.images += [(x.sum(0).numpy(), (x > 0).sum(0).double().numpy(), x.shape[0]) for x in t]
 
     @property
     def mean(self) -> np.ndarray:
@@ -103,6 +111,37 @@ def stream_stats(handle, records, batch_size: int) -> NeuronStats:
         x = handle.encode(records[i:i + batch_size])
         st.update(run(handle, x, read=[site]).cache[site])
     return st
+
+
+def bootstrap(sc: NeuronStats, sp: NeuronStats, quiet: float, min_gain: float, n_boot: int, seed: int,
+              chunk: int = 250) -> dict:
+    """95 % CIs of corr(M_p, M_c), corr(F_p, F_c), max(M_p − M_c) and the number of quiescent-on-clean
+    candidates, resampling the clean and the triggered inputs (images, not tokens) separately."""
+    per = {}
+    for name, st, off in (("c", sc, 0), ("p", sp, 1)):
+        n = np.array([im[2] for im in st.images], np.float64)
+        per[name] = (common.resample_counts(len(n), n_boot, seed + off), np.stack([im[0] for im in st.images]),
+                     np.stack([im[1] for im in st.images]), n)
+    boots = {"corr_M": [], "corr_F": [], "max_M_diff": [], "n_quiescent_candidates": []}
+    for b0 in range(0, n_boot, chunk):
+        prof = {}
+        for name, (counts, s_sum, s_fire, n) in per.items():
+            c = counts[b0:b0 + chunk]
+            tok = (c @ n)[:, None]
+            prof[name] = (c @ s_sum / tok, c @ s_fire / tok)
+        (mc, fc), (mp, fp) = prof["c"], prof["p"]
+        boots["corr_M"].append(_rowcorr(mc, mp))
+        boots["corr_F"].append(_rowcorr(fc, fp))
+        boots["max_M_diff"].append((mp - mc).max(1))
+        boots["n_quiescent_candidates"].append(((fc <= quiet) & (fp - fc >= min_gain)).sum(1).astype(float))
+    return {k: common.percentile_ci(np.concatenate(v)) for k, v in boots.items()}
+
+
+def _rowcorr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` (NaN for a constant row)."""
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
 
 
 def scores(m_c, m_p, f_c, f_p, quiet: float, min_gain: float) -> pd.DataFrame:
@@ -131,6 +170,8 @@ class NeuronResult(Result):
     quiet: float
     min_gain: float
     prefix: str = "auto"         # where the scan's target token was scored (NeuronParams.prefix)
+    ci: dict = field(default_factory=dict)   # FT: statistic -> [lo, hi], bootstrap 95 % over images
+                                             # (corr_M, corr_F, max_M_diff, n_quiescent_candidates)
 
     analysis = "neurons"
 
@@ -147,12 +188,19 @@ class NeuronResult(Result):
         out["ft.max_M_diff"] = float(ft.M_diff.max())
         out["ft.max_F_diff"] = float(ft.F_diff.max())
         out["ft.n_quiescent_candidates"] = int(ft.quiescent_candidate.sum())
+        for k, key in (("corr_M", "corr_M.ft"), ("corr_F", "corr_F.ft"), ("max_M_diff", "ft.max_M_diff"),
+                       ("n_quiescent_candidates", "ft.n_quiescent_candidates")):
+            if k in self.ci:
+                out[f"{key}_lo"], out[f"{key}_hi"] = (float(v) for v in self.ci[k])
         if len(self.scan):
             out["scan.max_prob_drop"] = float(self.scan.prob_drop.max())
             out["scan.max_prob_drop_share"] = float(self.scan.prob_drop.max() / max(self.baseline["target_prob"], 1e-12))
         out["baseline.asr"] = float(self.baseline["asr"])
         for _, r in self.cumulative.iterrows():
             out[f"cumulative.{r['kind']}.m{int(r['m'])}.asr"] = float(r["asr"])
+            if "asr_lo" in r:
+                out[f"cumulative.{r['kind']}.m{int(r['m'])}.asr_lo"] = float(r["asr_lo"])
+                out[f"cumulative.{r['kind']}.m{int(r['m'])}.asr_hi"] = float(r["asr_hi"])
         return out
 
     def plot(self):
@@ -234,6 +282,8 @@ def neurons(pair, params: NeuronParams = NeuronParams()) -> NeuronResult:
         f.insert(0, "model", model)
         frames.append(f)
         corr[model] = {"M": _corr(sc.mean, sp.mean), "F": _corr(sc.freq, sp.freq)}
+        if model == "ft":
+            ci = bootstrap(sc, sp, params.quiet, params.min_gain, params.n_boot, params.seed)
     units = pd.concat(frames, ignore_index=True)
     ft = units[units.model == "ft"].reset_index(drop=True)
     n_units = len(ft)
@@ -272,9 +322,13 @@ def neurons(pair, params: NeuronParams = NeuronParams()) -> NeuronResult:
     n = len(x)
     probs = tt.metric(run(h, tt.inputs.tile(len(cell_edits)), edits=edits).logits,
                       torch.arange(n).repeat(len(cell_edits))).float().numpy()
-    asr = [float(common.hits(outs[c * n:(c + 1) * n], targets).mean()) for c in range(len(cell_edits))]
-    cum = pd.DataFrame([{"kind": k, "m": m, "units": [int(u) for u in us], "asr": asr[i + 1],
+    hit = np.stack([common.hits(outs[c * n:(c + 1) * n], targets) for c in range(len(cell_edits))], 1)  # [input, cell]
+    asr = hit.mean(0)
+    lo, hi = common.mean_ci(hit.astype(float), params.n_boot, params.seed)
+    cum = pd.DataFrame([{"kind": k, "m": m, "units": [int(u) for u in us], "asr": float(asr[i + 1]),
+                         "asr_lo": float(lo[i + 1]), "asr_hi": float(hi[i + 1]),
                          "target_prob": float(probs[(i + 1) * n:(i + 2) * n].mean())}
                         for i, (k, m, us) in enumerate(groups)])
-    baseline = {"target_prob": base_prob, "asr": asr[0], "n": n}
-    return NeuronResult(pair.name, units, scan, cum, baseline, corr, ntok, params.quiet, params.min_gain, params.prefix)
+    baseline = {"target_prob": base_prob, "asr": float(asr[0]), "n": n}
+    return NeuronResult(pair.name, units, scan, cum, baseline, corr, ntok, params.quiet, params.min_gain, params.prefix,
+                        {k: [float(a), float(b)] for k, (a, b) in ci.items()})

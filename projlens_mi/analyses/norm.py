@@ -70,13 +70,9 @@ def linear_fit(x: np.ndarray, y: np.ndarray, n_boot: int = 1000, ci: float = 0.9
     """Fit over all tokens of all groups (rows of ``x``/``y``), CIs by resampling groups."""
     st = suff_stats(x, y)
     out = {k: float(v) for k, v in fit_from_stats(st.sum(0)).items()}
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(st), np.full(len(st), 1.0 / len(st)), size=n_boot)
-    boot = fit_from_stats(counts @ st)
-    lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
+    boot = fit_from_stats(common.resample_counts(len(st), n_boot, seed) @ st)
     for k, v in boot.items():
-        v = v[np.isfinite(v)]
-        out[f"{k}_lo"], out[f"{k}_hi"] = (float(np.percentile(v, lo)), float(np.percentile(v, hi))) if len(v) else (np.nan, np.nan)
+        out[f"{k}_lo"], out[f"{k}_hi"] = common.percentile_ci(v, ci)
     out["n_groups"], out["n_tokens"] = int(len(st)), int(st[:, 0].sum())
     return out
 
@@ -101,13 +97,16 @@ class NormResult(Result):
     def metrics(self) -> dict:
         out = {"vision_norm_cv": self.vision_norm_cv, "output_norm_cv": self.output_norm_cv}
         for _, r in self.fits.iterrows():
-            for k in ("slope", "intercept", "r", "r2", "r_lo", "r_hi"):
+            for k in ("slope", "intercept", "r", "r2", "r_lo", "r_hi", "slope_lo", "slope_hi"):
                 out[f"{r['condition']}.{k}"] = float(r[k])
         for c, g in self.per_image.groupby("condition"):
             out[f"{c}.per_image_median_r"] = float(g.r.median())
         for _, r in self.causal.iterrows():
             out[f"alpha_{r['alpha']:g}.shift"] = float(r["shift"])
             out[f"alpha_{r['alpha']:g}.target_rate"] = float(r["target_rate"])
+            if "target_rate_lo" in r:
+                out[f"alpha_{r['alpha']:g}.target_rate_lo"] = float(r["target_rate_lo"])
+                out[f"alpha_{r['alpha']:g}.target_rate_hi"] = float(r["target_rate_hi"])
         return out
 
     def plot(self):
@@ -207,12 +206,15 @@ def norm(pair, params: NormParams = NormParams()) -> NormResult:
         if m == "ft":
             outs = common.texts(h, tiled, max_new, edit)
     rows, n = [], len(rec)
+    hit = np.stack([common.hits(outs[i * n:(i + 1) * n], targets) for i in range(len(params.alphas))], 1)
+    lo, hi = common.mean_ci(hit.astype(float), params.n_boot, params.seed, params.ci)
     for i, a in enumerate(params.alphas):
         sl = slice(i * n, (i + 1) * n)
         de = res["ft"][sl] - res["base"][sl]
         rows.append({"alpha": float(a), "shift": float((de @ v).mean()), "shift_sd": float((de @ v).mean(1).std()),
                      "base_out_norm": float(res["base"][sl].norm(dim=-1).mean()),
                      "input_norm": float(a * feats["base"].norm(dim=-1).mean()),
-                     "target_rate": float(common.hits(outs[sl], targets).mean())})
+                     "target_rate": float(hit[:, i].mean()), "target_rate_lo": float(lo[i]),
+                     "target_rate_hi": float(hi[i])})
     return NormResult(pair.name, pd.DataFrame(fits), pd.concat(per, ignore_index=True), tokens, pd.DataFrame(rows),
                       cv(vis), cv(outn), float(vis.mean()))

@@ -60,6 +60,7 @@ class PatchingResult(Result):
     model: str = "poisoned"
     n: int = 0
     variant: str = ""
+    effect_ci: np.ndarray = None       # [2 (lo, hi), direction, site, window] bootstrap 95 % over the input pairs
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -112,12 +113,19 @@ class PatchingResult(Result):
 
     def _metrics(self) -> dict:
         out = {"clean_mean": self.clean_mean, "triggered_mean": self.triggered_mean, "n": self.n}
+        ci = lambda d, s, w, j: float(self.effect_ci[j, self.directions.index(d), self.sites.index(s),  # noqa: E731
+                                                      self.windows.index(w)])
         for d in self.directions:
             if "image" in self.windows:
                 out[f"{d}_projector_out_image"] = self.cell(d, "projector.out", "image")
+                if self.effect_ci is not None:
+                    out[f"{d}_projector_out_image_lo"] = ci(d, "projector.out", "image", 0)
+                    out[f"{d}_projector_out_image_hi"] = ci(d, "projector.out", "image", 1)
             b = self._best(d)
             if b:
                 out[f"{d}_best"] = {"site": b[0], "window": b[1], "effect": b[2]}
+                if self.effect_ci is not None:
+                    out[f"{d}_best"].update(effect_lo=ci(d, b[0], b[1], 0), effect_hi=ci(d, b[0], b[1], 1))
         return out
 
     def summary(self) -> str:
@@ -199,10 +207,14 @@ def patching(pair: Pair, params: PatchingParams = PatchingParams()) -> PatchingR
     c = C.contrast(pair, p.model, p.n, p.metric, p.prefix, p.max_new_tokens)
     points = C.site_points(c.handle, p.layers)
     wins = C.windows(c.n_image_tokens, p.windows, ("image", "last") if p.last_token else ("image",))
-    clean_mean = float(C.score_of(c.handle, c.clean).mean())
-    trig_mean = float(C.score_of(c.handle, c.triggered).mean())
+    clean_s, trig_s = C.score_of(c.handle, c.clean).numpy(), C.score_of(c.handle, c.triggered).numpy()
+    clean_mean, trig_mean = float(clean_s.mean()), float(trig_s.mean())
     table = patch_grid(c, points, wins, tuple(p.directions), batch_size=p.batch_size, progress=p.progress)
     eff, mean = effects(table, points, list(wins), list(p.directions), clean_mean, trig_mean)
-    return PatchingResult(points, list(wins), list(p.directions), eff, mean, clean_mean, trig_mean, table,
-                          p.metric, p.model, c.n, pair.name)
+    dirs, names = list(p.directions), list(wins)
+    ci = C.normalised_ci(table, ["direction", "site", "window"],
+                         {(d, s, w): (dirs.index(d), points.index(s), names.index(w)) for d in dirs for s in points
+                          for w in names}, eff.shape, clean_s, trig_s, p.n_boot, flip=lambda k: k[0] == "noise")
+    return PatchingResult(points, names, dirs, eff, mean, clean_mean, trig_mean, table,
+                          p.metric, p.model, c.n, pair.name, ci)
 

@@ -12,7 +12,7 @@ paired data): otherwise the probe is tested on the twin of a training image with
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,8 @@ PAPER = ("A small MLP on mean-pooled projector embeddings separates clean from p
 @dataclass
 class ProbeParams(Checked):
     """``n``: clean and triggered records each; ``hidden``: MLP hidden width; ``test_size``: held-out share;
-    ``splits``: random (group) splits; ``max_iter``: L-BFGS iterations of the MLP."""
+    ``splits``: random (group) splits; ``max_iter``: L-BFGS iterations of the MLP; ``n_boot``: bootstrap resamples of the accuracy's 95 % CI
+    (each split's held-out inputs resampled, the mean over splits taken)."""
 
     n: Count | None = 100
     hidden: Count = 64
@@ -39,6 +40,7 @@ class ProbeParams(Checked):
     max_iter: Count = 100
     seed: Seed = 0
     batch_size: Count = 256
+    n_boot: Count = common.N_BOOT                # bootstrap resamples of the 95 % CIs (over inputs)
 
 
 def pooled(handle, records, batch_size: int) -> np.ndarray:
@@ -59,7 +61,7 @@ def evaluate_probe(X: np.ndarray, y: np.ndarray, *, hidden: int, test_size: floa
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
-    rows = []
+    rows, correct = [], []
     if groups is None:
         parts = StratifiedShuffleSplit(n_splits=splits, test_size=test_size, random_state=seed).split(X, y)
     else:
@@ -72,10 +74,20 @@ def evaluate_probe(X: np.ndarray, y: np.ndarray, *, hidden: int, test_size: floa
             clf.fit(X[tr], y[tr])
         p = clf.predict(X[te])
         t = y[te]
+        correct.append(p == t)
         rows.append({"split": s, "accuracy": float((p == t).mean()),
                      "tpr": float((p[t == 1] == 1).mean()), "fpr": float((p[t == 0] == 1).mean()),
                      "n_train": len(tr), "n_test": len(te)})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["correct"] = correct      # per split: held-out correctness per input (for the bootstrap)
+    return out
+
+
+def accuracy_ci(correct: list[np.ndarray], n_boot: int, seed: int) -> list[float]:
+    """95 % CI of the mean held-out accuracy over splits, resampling each split's held-out inputs."""
+    boot = np.mean([common.resample_counts(len(c), n_boot, seed + s) @ c.astype(float) / len(c)
+                    for s, c in enumerate(correct)], axis=0)
+    return list(common.percentile_ci(boot))
 
 
 @register_result
@@ -85,6 +97,7 @@ class ProbeResult(Result):
     scores: pd.DataFrame         # model (base / ft), labels (true / shuffled), split, accuracy, tpr, fpr
     n_clean: int
     n_triggered: int
+    accuracy_ci: dict = field(default_factory=dict)   # "model.labels" -> [lo, hi], bootstrap 95 %
 
     analysis = "probe"
 
@@ -99,6 +112,8 @@ class ProbeResult(Result):
         for (m, lab), g in self.scores.groupby(["model", "labels"]):
             for k in ("accuracy", "tpr", "fpr"):
                 out[f"{m}.{lab}.{k}"] = float(g[k].mean())
+        for key, (lo, hi) in self.accuracy_ci.items():
+            out[f"{key}.accuracy_lo"], out[f"{key}.accuracy_hi"] = float(lo), float(hi)
         return out
 
     def plot(self):
@@ -138,13 +153,14 @@ def probe(pair, params: ProbeParams = ProbeParams()) -> ProbeResult:
     shuffled = np.random.default_rng(params.seed).permutation(y)
     ids = [r.meta.get("id") for r in clean + trig]
     groups = np.unique([str(i) if i is not None else f"#{k}" for k, i in enumerate(ids)], return_inverse=True)[1]
-    frames = []
+    frames, ci = [], {}
     for model, h in (("base", pair.base), ("ft", pair.poisoned)):
         X = pooled(h, clean + trig, params.batch_size)
         for lab, yy in (("true", y), ("shuffled", shuffled))[: 2 if model == "ft" else 1]:   # chance: FT only
             f = evaluate_probe(X, yy, hidden=params.hidden, test_size=params.test_size, splits=params.splits,
                                max_iter=params.max_iter, seed=params.seed, groups=groups)
+            ci[f"{model}.{lab}"] = accuracy_ci(f.attrs.pop("correct"), params.n_boot, params.seed)
             f.insert(0, "labels", lab)
             f.insert(0, "model", model)
             frames.append(f)
-    return ProbeResult(pair.name, pd.concat(frames, ignore_index=True), len(clean), len(trig))
+    return ProbeResult(pair.name, pd.concat(frames, ignore_index=True), len(clean), len(trig), ci)

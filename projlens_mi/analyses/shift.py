@@ -17,7 +17,7 @@ Per input, ΔE is a tokens × d matrix. We report:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -37,7 +37,8 @@ CONDS = ("clean", "triggered")
 class ShiftParams(Checked):
     """``n``: clean and triggered records each; ``k_max``: energies reported for k = 1..k_max; ``top_tokens``:
     logit-lens tokens listed; ``n_random``: random directions for the chance rank; ``examples``: example
-    images per condition in the maps."""
+    images per condition in the maps; ``n_boot``: bootstrap resamples (over inputs) of the 95 % CIs of
+    the mean energies and of cos(mean shift clean, triggered)."""
 
     n: Count | None = 100
     k_max: Count = 5
@@ -46,6 +47,7 @@ class ShiftParams(Checked):
     examples: int = 2
     seed: Seed = 0
     batch_size: Count = 256
+    n_boot: Count = common.N_BOOT                # bootstrap resamples of the 95 % CIs (over inputs)
 
 
 class ShiftAccumulator:
@@ -60,6 +62,7 @@ class ShiftAccumulator:
         self.pos_norm = None     # Σ over inputs of ‖ΔE(t)‖, [T]
         self.energy = []         # per input: cumulative energy at k = 1..k_max
         self.energy_c = []       # same for the token-centred ΔE
+        self.totals = []         # per input: Σ ΔE over its tokens [d] (the mean-shift cosine's bootstrap)
 
     def update(self, de: torch.Tensor) -> None:
         de = de.double()                                   # [b, T, d]
@@ -73,6 +76,7 @@ class ShiftAccumulator:
         self.pos_sum += de.sum(0)
         self.pos_norm += de.norm(dim=-1).sum(0)
         self.n += de.shape[0]
+        self.totals.extend(de.sum(1).numpy())
         for m, out in ((de, self.energy), (c, self.energy_c)):
             s2 = torch.linalg.svdvals(m) ** 2
             e = s2.cumsum(-1) / s2.sum(-1, keepdim=True).clamp_min(1e-300)
@@ -84,6 +88,7 @@ class ShiftAccumulator:
         m.second, m.total = self.second + other.second, self.total + other.total
         m.pos_sum, m.pos_norm = self.pos_sum + other.pos_sum, self.pos_norm + other.pos_norm
         m.energy, m.energy_c = self.energy + other.energy, self.energy_c + other.energy_c
+        m.totals = self.totals + other.totals
         return m
 
     def directions(self) -> tuple[np.ndarray, np.ndarray, float]:
@@ -150,7 +155,7 @@ def thumbnail(record, size: int = 64) -> np.ndarray:
 @dataclass
 class ShiftResult(Result):
     variant: str
-    energy: pd.DataFrame         # condition, centred, k, mean, sd
+    energy: pd.DataFrame         # condition, centred, k, mean, sd, lo, hi (bootstrap 95 % CI of the mean)
     directions: dict             # "svd/clean" ... "mean/all" -> [d]
     variance_share: dict         # condition -> share of centred variance along v0
     cosines: dict
@@ -159,19 +164,24 @@ class ShiftResult(Result):
     examples: list               # [{"condition", "image": uint8, "coef": [g, g]}]
     n: dict
     target: str
+    cosine_ci: dict = field(default_factory=dict)   # cosine name -> [lo, hi] (the mean-shift cosine only)
 
     analysis = "shift"
 
     def to_frame(self) -> pd.DataFrame:
         return self.energy
 
-    def _e(self, cond, k, centred=False):
+    def _e(self, cond, k, centred=False, col="mean"):
         r = self.energy[(self.energy.condition == cond) & (self.energy.k == k) & (self.energy.centred == centred)]
-        return float(r["mean"].iloc[0]) if len(r) else float("nan")
+        return float(r[col].iloc[0]) if len(r) and col in r else float("nan")
 
     def metrics(self) -> dict:
-        out = {f"energy_k{k}.{c}": self._e(c, k) for c in CONDS for k in (1, 2)}
+        cols = ("mean", "lo", "hi") if "lo" in self.energy else ("mean",)
+        out = {f"energy_k{k}.{c}" + ("" if col == "mean" else f"_{col}"): self._e(c, k, col=col)
+               for c in CONDS for k in (1, 2) for col in cols}
         out.update({f"cos.{k}": float(v) for k, v in self.cosines.items()})
+        for k, (lo, hi) in self.cosine_ci.items():
+            out[f"cos.{k}_lo"], out[f"cos.{k}_hi"] = float(lo), float(hi)
         for name, d in self.lens.items():
             out[f"lens.{name}.best_target_rank"] = d["best_target_rank"]
             out[f"lens.{name}.chance_best_rank"] = d["chance_best_rank"]
@@ -267,12 +277,24 @@ def shift(pair, params: ShiftParams = ShiftParams()) -> ShiftResult:
                "svd vs mean (clean)": cos(dirs["svd/clean"], dirs["mean/clean"]),
                "svd vs mean (triggered)": cos(dirs["svd/triggered"], dirs["mean/triggered"])}
     rows = []
-    for c in CONDS:
+    for j, c in enumerate(CONDS):
         for centred, e in ((False, acc[c].energy), (True, acc[c].energy_c)):
             e = np.asarray(e)
+            lo, hi = common.mean_ci(e, params.n_boot, params.seed + j)
             for k in range(1, e.shape[1] + 1):
                 rows.append({"condition": c, "centred": centred, "k": k, "mean": float(e[:, k - 1].mean()),
-                             "sd": float(e[:, k - 1].std()), "n": len(e)})
+                             "sd": float(e[:, k - 1].std()), "lo": float(lo[k - 1]), "hi": float(hi[k - 1]),
+                             "n": len(e)})
+    # the mean-shift cosine, resampling clean and triggered inputs separately (the v0 cosines would need a
+    # d × d second moment per input: not bootstrapped)
+    boot = []
+    for j, c in enumerate(CONDS):
+        t = np.asarray(acc[c].totals)
+        boot.append(common.resample_counts(len(t), params.n_boot, params.seed + j) @ t)
+    num = (boot[0] * boot[1]).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cb = num / (np.linalg.norm(boot[0], axis=1) * np.linalg.norm(boot[1], axis=1))
+    cosine_ci = {"mean clean vs triggered": list(common.percentile_ci(cb))}
     ids = common.target_tokens(pair.poisoned, pair.target)
     lenses = {name: lens(pair.poisoned, dirs[f"{name}/all"], ids, params.top_tokens, params.n_random, params.seed)
               for name in ("svd", "mean")}
@@ -282,4 +304,4 @@ def shift(pair, params: ShiftParams = ShiftParams()) -> ShiftResult:
     examples = [{"condition": c, "image": thumbnail(r), "coef": grid((de.double() @ v).numpy())}
                 for c in CONDS for r, de in keep[c]]
     return ShiftResult(pair.name, pd.DataFrame(rows), dirs, share, cosines, lenses, maps, examples,
-                       {c: acc[c].n for c in CONDS}, pair.target)
+                       {c: acc[c].n for c in CONDS}, pair.target, cosine_ci)

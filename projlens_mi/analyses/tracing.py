@@ -77,6 +77,7 @@ class TracingResult(Result):
     model: str = "poisoned"
     n: int = 0
     variant: str = ""
+    restored_ci: np.ndarray = None    # [2 (lo, hi), corruption, mode, site, window] bootstrap 95 % over the inputs
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -125,10 +126,15 @@ class TracingResult(Result):
         for cor in self.corruptions:
             a = self.corruptions.index(cor)
             for mode in self.modes:
-                grid = self.restored[a, self.modes.index(mode)]
+                m = self.modes.index(mode)
+                grid = self.restored[a, m]
                 out[f"{cor}_{mode}_max"] = float(np.nanmax(grid)) if np.isfinite(grid).any() else float("nan")
                 if "image" in self.windows:
                     out[f"{cor}_{mode}_projector_out_image"] = self.cell(cor, mode, "projector.out", "image")
+                    if self.restored_ci is not None:
+                        i = (a, m, self.sites.index("projector.out"), self.windows.index("image"))
+                        out[f"{cor}_{mode}_projector_out_image_lo"] = float(self.restored_ci[(0, *i)])
+                        out[f"{cor}_{mode}_projector_out_image_hi"] = float(self.restored_ci[(1, *i)])
         return out
 
     def summary(self) -> str:
@@ -212,19 +218,22 @@ def tracing(pair: Pair, params: TracingParams = TracingParams()) -> TracingResul
     v = traced_direction(pair, c, p.direction)
     points = C.site_points(c.handle, p.layers)
     wins = C.windows(c.n_image_tokens, p.windows, ("image", "last") if p.last_token else ("image",))
-    trig_mean = float(C.score_of(c.handle, c.triggered).mean())
+    trig_s = C.score_of(c.handle, c.triggered).numpy()
+    trig_mean = float(trig_s.mean())
     noise_std = float(p.noise_scale * C.projector_out(c.handle, c.triggered.inputs).float().std())
     shape = (len(p.corruptions), len(MODES), len(points), len(wins))
     restored, means = np.full(shape, np.nan), np.full(shape, np.nan)
     sd = np.full((len(p.corruptions), len(points), len(wins)), np.nan)
+    ci = np.full((2, *shape), np.nan)
     baselines, frames = {}, []
     names = list(wins)
     for a, cor in enumerate(p.corruptions):
         if cor == "clean":
-            corrupted = float(C.score_of(c.handle, c.clean).mean())
+            corrupted_s = C.score_of(c.handle, c.clean).numpy()
         else:
-            corrupted = float(C.score_of(c.handle, c.triggered,
-                                         [(Site("projector.out", ImageTokens()), Noise(noise_std, p.seed))]).mean())
+            corrupted_s = C.score_of(c.handle, c.triggered,
+                                     [(Site("projector.out", ImageTokens()), Noise(noise_std, p.seed))]).numpy()
+        corrupted = float(corrupted_s.mean())
         baselines[cor] = {"triggered": trig_mean, "corrupted": corrupted}
         df = trace_grid(c, points, wins, v, cor, noise_std=noise_std, seed=p.seed, placebo_seeds=p.placebo_seeds,
                         batch_size=p.batch_size, progress=p.progress)
@@ -237,6 +246,10 @@ def tracing(pair: Pair, params: TracingParams = TracingParams()) -> TracingResul
             restored[i], means[i] = g["norm"].mean(), g["value"].mean()
             if mode == "random":
                 sd[i[0], i[2], i[3]] = g["norm"].std(ddof=0)
+        # placebo seeds are averaged per input first: normalising is linear, so this is the mean over seeds
+        ci[:, a] = C.normalised_ci(df, ["mode", "site", "window"],
+                                   {(m, s, w): (MODES.index(m), points.index(s), names.index(w)) for m in MODES
+                                    for s in points for w in names}, shape[1:], corrupted_s, trig_s, p.n_boot)
     return TracingResult(list(p.corruptions), list(MODES), points, names, restored, means, sd, baselines, p.direction,
                          v.detach().double().cpu().numpy(), noise_std, pd.concat(frames, ignore_index=True), p.metric,
-                         p.model, c.n, pair.name)
+                         p.model, c.n, pair.name, ci)
