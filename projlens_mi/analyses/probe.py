@@ -30,8 +30,9 @@ PAPER = ("A small MLP on mean-pooled projector embeddings separates clean from p
 @dataclass
 class ProbeParams(Checked):
     """``n``: clean and triggered records each; ``hidden``: MLP hidden width; ``test_size``: held-out share;
-    ``splits``: random (group) splits; ``max_iter``: L-BFGS iterations of the MLP; ``n_boot``: bootstrap resamples of the accuracy's 95 % CI
-    (each split's held-out inputs resampled, the mean over splits taken)."""
+    ``splits``: random (group) splits; ``max_iter``: L-BFGS iterations of the MLP; ``n_boot``: bootstrap
+    resamples of the accuracy's 95 % CI (each split's held-out inputs resampled, the mean over splits
+    taken)."""
 
     n: Count | None = 100
     hidden: Count = 64
