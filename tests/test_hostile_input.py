@@ -372,3 +372,15 @@ def test_params_and_triggers_check_their_ranges_from_python_too():
         with pytest.raises(ProjLensError) as err:
             make()
         assert expected in _one_line(err)
+
+
+def test_organism_out_under_a_file_is_refused_before_any_work(tmp_path):
+    from projlens_mi.organism import config as oc
+    from projlens_mi.organism.build import build
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ProjLensError) as err:
+        build(tmp_path / "file" / "org", oc.small())
+    assert "is a file, not a folder" in _one_line(err)
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "file" / "demo"), "--organism", str(tmp_path / "org")])
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output and not (tmp_path / "org").exists(), res.output

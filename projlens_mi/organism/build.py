@@ -30,7 +30,7 @@ import torch
 from transformers import (AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration)
 
-from ..data import Record, atomic_write_text, write_jsonl
+from ..data import Record, atomic_write_text, check_writable_folder, write_jsonl
 from ..errors import ProjLensError
 from . import tasks
 from .config import OrganismConfig
@@ -497,9 +497,7 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, wor
         workers = max(1, (os.cpu_count() or 1) // cfg.threads)
     elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ProjLensError(f"workers = {workers!r}: give the number of processes (1 or more), or None for one per CPU")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ProjLensError(f"--out {out} is a file; pass a folder path")
+    out = check_writable_folder(out_dir)   # a file, a path under a file, a folder one cannot write to
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "organism.json"
     full_key = cfg.key() + f"-v{FORMAT_VERSION}"
