@@ -15,9 +15,11 @@ import typer
 from .errors import ProjLensError
 from .settings import default_organism
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# rich_markup_mode=None: help texts are printed as written (rich markup would swallow "[run]"), and
+# without box-drawing characters, so --help reads the same in a terminal and in a log.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="projlens: find how a poisoned vision-language model carries its backdoor.")
-organism_app = typer.Typer(no_args_is_help=True, help="Build the small backdoored model organism.")
+organism_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Build the small backdoored model organism.")
 app.add_typer(organism_app, name="organism")
 
 DEFAULT_ORGANISM = default_organism()
@@ -116,7 +118,8 @@ def organism_build(
     typer.echo(json.dumps(summary, indent=2) if as_json else metrics_table(summary))
 
 
-study_app = typer.Typer(no_args_is_help=True, help="Run a study: a TOML config in, a report folder out.")
+study_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Run a study: a TOML config in, a report folder out.")
 app.add_typer(study_app, name="study")
 
 def shipped_study(name: str) -> Path:
@@ -153,8 +156,13 @@ def _run_overrides(device_map: Optional[str], max_memory: Optional[str], offload
     return run
 
 
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
 def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: bool, organism: Optional[Path] = None,
-               header: str = "", run: Optional[dict] = None, data: Optional[dict] = None) -> None:
+               header: str = "", run: Optional[dict] = None, data: Optional[dict] = None,
+               command: Optional[list] = None) -> None:
     _quiet_hf()
     from . import study
     rank0 = study.torchrun_rank() == 0
@@ -165,7 +173,7 @@ def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: boo
             typer.echo(json.dumps(rows, indent=2) if as_json else study.format_plan(rows, cfg.run.workers))
             return
         talk = not (quiet or as_json) and rank0
-        outcome = study.run_study(cfg, out, log=(lambda m: typer.echo(m, err=True)) if talk else None, progress=talk)
+        outcome = study.run_study(cfg, out, log=_say if talk else None, progress=talk, command=command)
     except ProjLensError as err:
         _fail(err)
     if not rank0:
@@ -213,7 +221,14 @@ def study_run(
     except ProjLensError as err:
         _fail(err)
     data = {"allow_outside_images": True} if allow_outside_images else None
-    _run_study(config, out, plan=plan, quiet=quiet, as_json=as_json, run=run, data=data)
+    again = ["study", "run", str(config.resolve())]     # the report's "regenerate" line (with --out .)
+    for flag, value in (("--device-map", device_map), ("--max-memory", max_memory), ("--tp-size", tp_size),
+                        ("--workers", workers), ("--offload-folder", run.get("offload_folder"))):
+        if value is not None:
+            again += [flag, str(value)]
+    if allow_outside_images:
+        again.append("--allow-outside-images")
+    _run_study(config, out, plan=plan, quiet=quiet, as_json=as_json, run=run, data=data, command=again)
 
 
 @app.command("report")
@@ -223,7 +238,7 @@ def report_cmd(out: Path = typer.Argument(..., help="A study's report folder."))
     _quiet_hf()
     from .study import render
     try:
-        render(out, workers=None)   # the study's [run] workers
+        render(out, log=_say, workers=None)   # the study's [run] workers; a line per figure drawn
     except ProjLensError as err:
         _fail(err)
     typer.echo(f"report: {out / 'report.md'} and {out / 'report.html'}")
@@ -280,7 +295,8 @@ def demo(
         quickstart = shipped_study("quickstart.toml")
     except ProjLensError as err:
         _fail(err)
-    _run_study(quickstart, out, plan=plan, quiet=quiet, as_json=False, organism=organism, header=header)
+    _run_study(quickstart, out, plan=plan, quiet=quiet, as_json=False, organism=organism, header=header,
+               command=["demo", "--organism", str(organism.resolve())])
 
 
 def main() -> None:  # pragma: no cover

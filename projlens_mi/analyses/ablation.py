@@ -122,13 +122,24 @@ class AblationResult(Result):
         fig, axes = _figure(nrow, ncol, figsize=(3.3 * ncol + 0.6, 3.1 * nrow))
         colours = {"dW": "tab:red", "shift": "tab:blue", "random": "tab:grey"}
         ks = np.array(self.ks)
-        panels = [(self.target, self.target_sd, f"triggered: {C.METRIC_LABEL[self.metric]}", "target", None),
+        # Probabilities and fractions on a fixed 0..1 axis, so that noise (0.9688 vs 0.9705) does not look
+        # like an effect; a log-probability row shares one range over its sites.
+        unit = (-0.05, 1.05)
+        prob = unit if self.metric in ("prob", "first_prob") else None
+        panels = [(self.target, self.target_sd, f"triggered: {C.METRIC_LABEL[self.metric]}", "target", prob),
                   (self.clean, self.clean_sd, "clean: p(correct answer)" if self.metric == "prob" else
-                   f"clean: answer {self.metric}", "clean", None)]
+                   f"clean: answer {self.metric}", "clean", prob)]
         if gen:
-            panels += [(self.asr, self.asr_sd, "generation: ASR (fraction)", "asr", (-0.05, 1.05)),
-                       (self.accuracy, self.accuracy_sd, "generation: clean accuracy", "accuracy", (-0.05, 1.05))]
+            panels += [(self.asr, self.asr_sd, "generation: ASR (fraction)", "asr", unit),
+                       (self.accuracy, self.accuracy_sd, "generation: clean accuracy", "accuracy", unit)]
         for row, (arr, sd, what, base, ylim) in enumerate(panels):
+            if ylim is None:
+                band = arr[self.bases.index("random")] if "random" in self.bases else np.full_like(sd, np.nan)
+                vals = np.concatenate([np.ravel(arr), np.ravel(band - sd), np.ravel(band + sd),
+                                       [self.baseline.get(base, np.nan)]])
+                vals = vals[np.isfinite(vals)]
+                pad = 0.05 * (np.ptp(vals) or 1.0) if vals.size else 1.0
+                ylim = (vals.min() - pad, vals.max() + pad) if vals.size else None
             for s, site in enumerate(self.sites):
                 ax = axes[row, s]
                 for b, name in enumerate(self.bases):

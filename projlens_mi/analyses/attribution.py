@@ -108,9 +108,9 @@ class AttributionResult(Result):
         ax.set_ylabel("attribution-patching estimate (normalised)")
         ax.set_title(f"agreement: Spearman {self.spearman:.2f}, top-{self.top_k} overlap {self.top_k_overlap:.0%}", fontsize=9)
         ax.legend(fontsize=7)
-        for a, d in enumerate(self.directions):
+        v = float(np.nanmax(np.abs(self.estimate))) if np.isfinite(self.estimate).any() else 1.0
+        for a, d in enumerate(self.directions):   # one symmetric scale for every direction: one colorbar
             ax = axes[0, a + 1]
-            v = np.nanmax(np.abs(self.estimate[a])) if np.isfinite(self.estimate[a]).any() else 1.0
             im = ax.imshow(np.ma.masked_invalid(self.estimate[a]), cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
             ax.set_xticks(range(len(self.windows)), self.windows, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(self.sites)), self.sites, fontsize=7)
@@ -118,7 +118,7 @@ class AttributionResult(Result):
             ax.set_ylabel("site")
             ax.set_title(f"estimated {'recovery (denoising)' if d == 'denoise' else 'drop (noising)'}", fontsize=9)
             C.mark_empty(ax, self.estimate[a])
-            fig.colorbar(im, ax=ax, label="estimated normalised effect")
+        fig.colorbar(im, ax=list(axes[0, 1:]), label="estimated normalised effect", shrink=0.9)
         fig.suptitle(f"Attribution patching {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n}); "
                      f"{self.cost.get('attribution', 0)} vs {self.cost.get('patching', 0)} model rows for real patching"
                      f"\n{C.NA_NOTE}",

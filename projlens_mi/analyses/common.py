@@ -14,6 +14,8 @@ Conventions:
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -198,3 +200,28 @@ def mean_ci(x, n_boot: int = N_BOOT, seed: int = 0, ci: float = 0.95, counts: np
     x = np.asarray(x, dtype=np.float64)
     c = resample_counts(len(x), n_boot, seed) if counts is None else counts
     return percentile_ci(np.tensordot(c, x, axes=(1, 0)) / len(x), ci)
+
+
+# ------------------------------------------------------------------------------------------ text from models and data
+# Anything a model or a data file wrote (a generation, a prompt, a target, a vocabulary token) goes into
+# Markdown, and from there into report.html, only through these two: it shows as the same characters,
+# never as markup, a link or an image (the HTML renderer also has raw HTML off: docs/studies.md).
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>&|~#!{}])")
+
+
+def md_text(s) -> str:
+    """``s`` as one line of literal Markdown text (also safe inside a table cell)."""
+    s = _MD_SPECIAL.sub(r"\\\1", " ".join(str(s).split("\n")).replace("\r", " "))
+    if re.match(r"[-+=>]|\d+[.)]", s):     # would start a list, a heading underline or a quote
+        s = "\\" + s if not s[0].isdigit() else re.sub(r"^(\d+)([.)])", r"\1\\\2", s)
+    return s
+
+
+def md_code(s, table: bool = False) -> str:
+    """``s`` verbatim as an inline code span (newlines shown as spaces); ``table``: inside a table cell."""
+    s = " ".join(str(s).split("\n")).replace("\r", " ")
+    fence = "`" * (max((len(r) for r in re.findall(r"`+", s)), default=0) + 1)
+    if table:
+        s = s.replace("|", "\\|")
+    pad = " " if s.startswith(("`", " ")) or s.endswith(("`", " ")) or not s else ""
+    return f"{fence}{pad}{s}{pad}{fence}"

@@ -91,7 +91,7 @@ class PatchingResult(Result):
                         ax.text(w, s, f"{v:.2f}", ha="center", va="center", fontsize=7,
                                 color="white" if abs(v) > 0.6 else "black")
             C.mark_empty(ax, self.effect[a])
-            fig.colorbar(im, ax=ax, label="normalised effect (fraction of the backdoor)")
+        fig.colorbar(im, ax=list(axes[0]), label="normalised effect (fraction of the backdoor)", shrink=0.9)
         fig.suptitle(f"Activation patching {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n}): "
                      f"clean {self.clean_mean:.3g}, triggered {self.triggered_mean:.3g}\n{C.NA_NOTE}", fontsize=10)
         return fig

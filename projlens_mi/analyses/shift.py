@@ -207,8 +207,8 @@ class ShiftResult(Result):
             a.bar(x + 0.4 * j - 0.2, ranks, 0.4, label=f"{'v0' if name == 'svd' else 'mean shift'}", color=f"C{j + 2}")
             a.scatter(x + 0.4 * j - 0.2, chance, marker="_", s=200, color="k",
                       label="median over random directions" if j == 0 else None)
-        a.set_xticks(np.arange(len(self.lens["svd"]["target_tokens"])), self.lens["svd"]["target_tokens"],
-                     rotation=45, fontsize=7)
+        a.set_xticks(np.arange(len(self.lens["svd"]["target_tokens"])),
+                     [str(t).replace("$", r"\$") for t in self.lens["svd"]["target_tokens"]], rotation=45, fontsize=7)
         a.set(title=f"Logit lens: rank of target tokens (of {self.lens['svd']['vocab']})", ylabel="rank (1 = top)",
               yscale="log")
         a.legend(fontsize=7)
@@ -217,12 +217,12 @@ class ShiftResult(Result):
         a.barh(np.arange(len(names)), [self.cosines[k] for k in names], color="C1")
         a.set_yticks(np.arange(len(names)), names, fontsize=7)
         a.set(title="Cosine between directions", xlabel="cosine", xlim=(-1, 1))
-        for j, cond in enumerate(CONDS):
+        vmax = max(float(np.abs(self.maps[cond]["coef"]).max()) for cond in CONDS)
+        for j, cond in enumerate(CONDS):   # one scale for both: the triggered shift may be several times the clean one
             a = axes[1][j]
-            m = self.maps[cond]["coef"]
-            im = a.imshow(m, cmap="RdBu_r", vmin=-np.abs(m).max(), vmax=np.abs(m).max())
-            fig.colorbar(im, ax=a, shrink=0.8, label="mean ΔE(t)·v0")
+            im = a.imshow(self.maps[cond]["coef"], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
             a.set(title=f"{cond}: mean shift along v0 per patch", xlabel="patch column", ylabel="patch row")
+        fig.colorbar(im, ax=[axes[1][j] for j in range(len(CONDS))], shrink=0.8, label="mean ΔE(t)·v0")
         a = axes[1][2]
         if self.examples:
             ex = self.examples[-1]

@@ -109,7 +109,7 @@ class TracingResult(Result):
                 ax.set_title(f"{title[mode]}\ncorruption: {'trigger removed' if cor == 'clean' else 'noise on image tokens'} "
                              f"({b['corrupted']:.2g} → {b['triggered']:.2g})", fontsize=8)
                 C.mark_empty(ax, self.restored[a, m])
-                fig.colorbar(im, ax=ax, label="restored fraction of the target metric")
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="restored fraction of the target metric", shrink=0.6)
         fig.suptitle(f"Causal tracing {self.variant} ({self.model} model, {C.METRIC_LABEL[self.metric]}, n={self.n})"
                      f"\n{C.NA_NOTE}", fontsize=10)
         return fig
@@ -203,7 +203,7 @@ def trace_grid(c: C.Contrast, points, wins, direction: torch.Tensor, corruption:
 
 
 @analysis("tracing", TracingParams, title="Causal tracing of the target-aligned direction", paper=PAPER,
-          headline=("clean_component_max", "noise_component_max"), passes=40.0)
+          headline=("clean_direction_projector_out_image", "clean_full_projector_out_image"), passes=40.0)
 def tracing(pair: Pair, params: TracingParams = TracingParams()) -> TracingResult:
     """Causal tracing: restore only the target-aligned direction (vs the full state, vs a random
     direction) at each (layer, token window) of a corrupted triggered run; layers × windows heatmaps."""

@@ -10,16 +10,19 @@ docs/metrics-schema.md.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import shlex
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from ..analyses.common import md_code, md_text
 from ..data import atomic_write_text
 from ..errors import ProjLensError
 
@@ -80,7 +83,19 @@ def _fig_bytes(fig) -> bytes:
 
 
 def _slug(s: str) -> str:
-    return re.sub(r"[^\w.-]+", "-", str(s)).strip("-")
+    """A file name for ``s`` (pair names come from folder names): ASCII letters, digits, ``._-`` only,
+    never hidden, at most ~100 characters; a name that had to change gets a hash of the original, so
+    two different names never share a file."""
+    s = str(s)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.")[:100]
+    if slug != s or not slug:
+        slug = f"{slug}-{hashlib.sha256(s.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}".lstrip("-")
+    return slug
+
+
+class Md(str):
+    """Markdown the report wrote itself (headings, links to its own files, code spans around data):
+    a table cell that is not ``Md`` is shown as literal text."""
 
 
 def _fmt(v) -> str:
@@ -97,7 +112,9 @@ def _fmt(v) -> str:
 
 def _table(header: list[str], rows: list[list]) -> str:
     def cell(x):
-        return _fmt(x).replace("|", "\\|").replace("\n", " ")
+        if isinstance(x, Md):
+            return str(x)
+        return md_text(x) if isinstance(x, str) else _fmt(x)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -190,33 +207,123 @@ def build_metrics(manifest: dict, stored: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ figures
+# Report-level figures share one look: fractions on a fixed 0..1 axis, one colour per model kind.
+MODEL_STYLE = {"base": ("#999999", "o"), "control": ("#4c72b0", "s"), "poisoned": ("#c44e52", "D")}
+
+
+def _new_figure(w: float, h: float, rows: int = 1, cols: int = 1, **kw):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(w, h), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False, **kw)
+
+
 def evaluation_figure(metrics: dict):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """ASR, clean accuracy and false-trigger rate per pair: one dot per model on a fixed 0..1 axis
+    (a rate of 0 is a visible dot, not an invisible bar; the exact numbers are in the table above it)."""
     import numpy as np
     pairs = list(metrics["pairs"])
-    keys = [("asr", "ASR (triggered)"), ("clean_accuracy", "clean accuracy"), ("false_trigger_rate", "false-trigger rate")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-    width = 0.26
-    x = np.arange(len(pairs))
-    for ax, (k, label) in zip(axes, keys):
-        for j, (model, colour) in enumerate((("base", "#999999"), ("control", "#4c72b0"), ("poisoned", "#c44e52"))):
+    keys = [("asr", "ASR (triggered inputs)"), ("clean_accuracy", "clean accuracy"),
+            ("false_trigger_rate", "false-trigger rate (clean inputs)")]
+    fig, axes = _new_figure(12, 1.2 + 0.45 * len(pairs), 1, 3, sharey=True)
+    y = np.arange(len(pairs))
+    for ax, (k, label) in zip(axes[0], keys):
+        for j, (model, (colour, marker)) in enumerate(MODEL_STYLE.items()):
             vals = []
             for p in pairs:
                 e = metrics["pairs"][p]
                 v = e.get(k) if model == "poisoned" else e["reference"].get(model, {}).get(k)
                 vals.append(np.nan if v is None else v)
-            bars = ax.bar(x + (j - 1) * width, vals, width, label=model, color=colour)
-            ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}" for v in vals], fontsize=6, padding=1)
-        ax.set_title(label)
-        ax.set_xticks(x, pairs, rotation=20, ha="right", fontsize=8)
-        ax.set_ylim(0, 1.12)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("fraction of inputs")
-    axes[-1].legend(loc="upper right", fontsize=8)
+            ax.scatter(vals, y + (j - 1) * 0.22, color=colour, marker=marker, s=36, label=model, zorder=3)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlim(-0.04, 1.04)
+        ax.set_xlabel("fraction of inputs")
+        ax.grid(axis="x", alpha=0.3)
+        for yy in y[:-1]:
+            ax.axhline(yy + 0.5, color="0.9", lw=0.8)
+    axes[0, 0].set_yticks(y, pairs, fontsize=9)
+    axes[0, 0].set_ylim(len(pairs) - 0.5, -0.5)
+    axes[0, -1].legend(loc="center right", fontsize=8, title="model", title_fontsize=8)
     fig.suptitle("Backdoor behaviour on the study's data (greedy generation, target substring)")
-    fig.tight_layout()
+    return fig
+
+
+def _limits(key: str):
+    """Fixed axis limits for a metric whose values are probabilities/fractions or correlations."""
+    words = re.split(r"[._]", key.lower())
+    if {"asr", "accuracy", "energy", "rate", "overlap", "fraction", "denoise", "max", "image"} & set(words):
+        return (0.0, 1.0)
+    if {"r", "spearman", "pearson", "corr"} & set(words):
+        return (-1.0, 1.0)
+    return None
+
+
+def summary_figure(metrics: dict):
+    """One panel per analysis (its headline number) plus the behaviour, one bar per variant."""
+    import numpy as np
+    pairs = list(metrics["pairs"])
+    if not pairs:
+        return None
+    panels = [("ASR (poisoned)", "asr", [metrics["pairs"][p].get("asr") for p in pairs]),
+              ("ASR (clean control)", "asr", [metrics["pairs"][p]["reference"].get("control", {}).get("asr")
+                                              for p in pairs])]
+    for name in metrics["analyses"]:
+        flats = [_scalars(metrics["pairs"][p]["analyses"].get(name) or {}) for p in pairs]
+        keys = [k for k in (_spec(name).headline if _spec(name) else ()) if any(_num(f, k) is not None for f in flats)]
+        if not keys:
+            keys = [k for f in flats for k in f if _num(f, k) is not None][:1]
+        if keys:
+            panels.append((f"{name}: {keys[0]}", keys[0], [_num(f, keys[0]) for f in flats]))
+    panels = [p for p in panels if any(v is not None for v in p[2])]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = _new_figure(3.3 * cols, 0.9 + (0.3 * len(pairs) + 1.0) * rows, rows, cols, sharey=True)
+    colours = [f"C{i % 10}" for i in range(len(pairs))]
+    y = np.arange(len(pairs))
+    for ax, (title, key, vals) in zip(axes.flat, panels):
+        v = np.array([np.nan if x is None else x for x in vals], dtype=float)
+        ax.barh(y, np.nan_to_num(v), color=colours, height=0.7)
+        for yy, x in zip(y, v):
+            ax.text(0.02, yy, "n/a" if np.isnan(x) else f"{x:.3g}", transform=ax.get_yaxis_transform(),
+                    va="center", fontsize=7, color="0.1")
+        lim = _limits(key)
+        if lim is not None:   # fixed, widened only to show a value outside it (a normalised effect of 1.003)
+            ax.set_xlim(min(lim[0], np.nanmin(v, initial=0)), max(lim[1], np.nanmax(v, initial=0)))
+            ax.axvline(0, color="0.3", lw=0.6)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    axes[0, 0].set_yticks(y, pairs, fontsize=8)
+    axes[0, 0].set_ylim(len(pairs) - 0.5, -0.5)
+    fig.suptitle("At a glance: one headline number per analysis and variant (fractions and correlations on fixed axes)",
+                 fontsize=10)
+    return fig
+
+
+def findings_figure(verdicts: list[dict], pairs: list[str]):
+    """The paper's three findings (rows) against this study, per variant (columns)."""
+    import textwrap
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    cols = ["paper\n(LLaVA-1.5-7B)", *pairs]
+    code = {True: 2, False: 0, None: 1}
+    grid = np.array([[2] + [code[f["by_pair"].get(p)] for p in pairs] for f in verdicts], dtype=float)
+    fig, axes = _new_figure(2.2 + 1.5 * len(cols), 1.0 + 0.9 * len(verdicts))
+    ax = axes[0, 0]
+    ax.imshow(grid, cmap=ListedColormap(["#e8a3a3", "#e6e6e6", "#a6d5a0"]), vmin=0, vmax=2, aspect="auto")
+    words = {2: "reproduces", 0: "does not\nreproduce", 1: "not\nmeasured"}
+    for i, f in enumerate(verdicts):
+        for j in range(len(cols)):
+            ax.text(j, i, "reports it" if j == 0 else words[int(grid[i, j])], ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(cols)), cols, fontsize=8, rotation=20, ha="right")
+    ax.set_yticks(range(len(verdicts)), [textwrap.fill(f["finding"], 38) for f in verdicts], fontsize=8)
+    ax.set_xticks(np.arange(len(cols)) - 0.5, minor=True)
+    ax.set_yticks(np.arange(len(verdicts)) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", lw=2)
+    ax.tick_params(which="minor", length=0)
+    ax.axvline(0.5, color="k", lw=1.5)
+    ax.set_title("The paper's findings vs this study, per variant (verdict rules in the text)", fontsize=10)
     return fig
 
 
@@ -245,28 +352,78 @@ def _figure_worker_init(manifest: dict) -> None:
     _import_for(manifest)
 
 
-def _all_figures(manifest: dict, jobs: dict[str, dict], workers: int) -> dict:
+def _all_figures(manifest: dict, jobs: dict[str, dict], workers: int, log=None) -> dict:
     """``{step id: figures or error}`` for every stored result, drawn in ``workers`` processes.
 
     Drawing is most of a report's time (matplotlib lays out every tick label); PNG bytes do not
-    depend on the process that drew them.
+    depend on the process that drew them. ``log`` gets one line per step drawn.
     """
+    log = log or (lambda m: None)
+    ids = list(jobs)
+    log(f"drawing the figures of {len(ids)} analysis steps" + (f" in {workers} processes" if workers > 1 else ""))
+    done: dict = {}
     if workers <= 1 or len(jobs) < 4:
-        return {k: _step_figures(v) for k, v in jobs.items()}
+        for i, k in enumerate(ids, 1):
+            done[k] = _step_figures(jobs[k])
+            log(f"[{i}/{len(ids)}] figures of {k}")
+        return done
+    from concurrent.futures import as_completed
+
     from ..processes import WorkerPool
     with WorkerPool(min(workers, len(jobs)), _figure_worker_init, (manifest,)) as pool:
-        return dict(zip(jobs, pool.map(_step_figures, jobs.values())))
+        futures = {pool.submit(_step_figures, jobs[k]): k for k in ids}
+        for i, fut in enumerate(as_completed(futures), 1):
+            done[futures[fut]] = fut.result()
+            log(f"[{i}/{len(ids)}] figures of {futures[fut]}")
+    return {k: done[k] for k in ids}
 
 
 # ------------------------------------------------------------------------------------------ render
+# The report follows the argument: the behaviour (evaluation), where the backdoor acts, what the
+# projector update adds, then the controls that rule out other explanations. An analysis not named
+# here (a plugin's) comes after them, in the study's order.
+SECTIONS = (
+    ("Where the backdoor acts",
+     "Which sites and token positions carry the trigger's effect: activation patching between the clean and the "
+     "triggered run, its gradient estimate, and causal tracing of the target-aligned direction.",
+     ("patching", "attribution", "tracing")),
+    ("What the projector update adds",
+     "What the poisoned projector's update is made of: its spectrum, the rank that carries the backdoor, the "
+     "shift it adds to every image token, how that shift scales with the token, and what removing it does.",
+     ("spectrum", "injection", "shift", "norm", "ablation")),
+    ("Controls and alternative explanations",
+     "Explanations the argument has to rule out (dedicated trigger neurons), and whether clean and poisoned "
+     "inputs can be told apart from the projector's output.",
+     ("neurons", "probe")),
+)
+
+
+def report_order(names) -> list[tuple[str, str, list[str]]]:
+    """``(heading, intro, analyses)`` for the analyses in ``names``, in the report's order."""
+    names = list(names)
+    known = {n for _, _, group in SECTIONS for n in group}
+    out = [(h, intro, [n for n in group if n in names]) for h, intro, group in SECTIONS]
+    out.append(("Other analyses", "Analyses registered by the study's plugins.", [n for n in names if n not in known]))
+    return [(h, intro, group) for h, intro, group in out if group]
+
+
+def regenerate_command(manifest: dict) -> str:
+    """The shell command that recomputes (or reuses) this folder's steps, run from inside the folder."""
+    argv = list(manifest.get("command") or ["study", "run", manifest["config_path"]])
+    return "projlens " + shlex.join([*argv, "--out", "."])
+
+
 def render(out: str | Path, log=None, workers: int | None = 1) -> dict:
     """Write metrics.json, tables/, figures/, report.md and report.html from the stored steps.
 
     ``workers``: processes that draw the figures (``None``: the study's ``[run] workers``, what
     ``projlens report`` uses). Spawned processes: a script passing more than 1 needs the
-    ``if __name__ == "__main__":`` guard.
+    ``if __name__ == "__main__":`` guard. ``log`` gets one line per stage and per figure drawn.
+
+    Text from models and data (generations, prompts, targets, error messages, file names) enters
+    the Markdown only as literal text (``md_text`` / ``md_code``) and report.html is rendered with raw
+    HTML off and links only to the folder's own files: nothing a model writes becomes markup.
     """
-    from ..analyses import result_from_dict
     out = Path(out)
     log = log or (lambda m: None)
     manifest, stored = load_study(out)
@@ -276,7 +433,7 @@ def render(out: str | Path, log=None, workers: int | None = 1) -> dict:
     jobs = {s["id"]: stored[s["id"]]["result"] for s in manifest["steps"]
             if s["kind"] == "analysis" and not s.get("skipped") and isinstance(stored.get(s["id"]), dict)
             and isinstance(stored[s["id"]].get("result"), dict)}
-    drawn = _all_figures(manifest, jobs, workers)
+    drawn = _all_figures(manifest, jobs, workers, log)
     metrics = build_metrics(manifest, stored)
     cfg = manifest["config"]
     pairs = [p["name"] for p in manifest["pairs"]]
@@ -294,6 +451,8 @@ def render(out: str | Path, log=None, workers: int | None = 1) -> dict:
         written.add(path)
         return f"tables/{path.name}"
 
+    log("drawing the study's own figures (evaluation, cross-variant summary, findings)")
+    verdicts = findings_verdicts(metrics)
     # evaluation
     rows = []
     for p in pairs:
@@ -305,90 +464,54 @@ def render(out: str | Path, log=None, workers: int | None = 1) -> dict:
     eval_frame = pd.DataFrame(rows)
     put_table("evaluation", eval_frame)
     eval_fig = put_png("evaluation", _fig_bytes(evaluation_figure(metrics))) if rows else None
+    glance = summary_figure(metrics)
+    glance_fig = put_png("summary", _fig_bytes(glance)) if glance is not None else None
+    findings_fig = put_png("findings", _fig_bytes(findings_figure(verdicts, pairs))) if pairs else None
 
     md = []
     st = cfg["study"]
-    md.append(f"# {st['title']}\n")
+    md.append(f"# {md_text(st['title'])}\n")
     if st.get("question"):
-        md.append(f"**Question.** {st['question']}\n")
+        md.append(f"**Question.** {md_text(st['question'])}\n")
     md += _setting(cfg, manifest, metrics)
+    if glance_fig:
+        md.append("**At a glance.** One headline number per analysis and variant (the same numbers as the sections "
+                  "below; probabilities and correlations on fixed axes).\n")
+        md.append(f"![Cross-variant summary]({glance_fig})\n")
     md.append("## Backdoor behaviour\n")
     md.append("The poisoned model's attack success rate (target text in the greedy generation on triggered inputs), "
               "clean accuracy (reference answer in the generation on clean inputs) and false-trigger rate (target on "
               "clean inputs), next to the base model and the clean control (the same fine-tuning on clean data) as "
               "controls.\n")
     md.append(_table(["pair", "model", "ASR", "clean acc.", "false trig.", "n clean", "n trig."],
-                     [[r["pair"], r["model"], r.get("asr"), r.get("clean_accuracy"), r.get("false_trigger_rate"),
-                       r["n_clean"], r["n_triggered"]] for r in rows]) + "\n")
+                     [[Md(md_code(r["pair"], table=True)), r["model"], r.get("asr"), r.get("clean_accuracy"),
+                       r.get("false_trigger_rate"), r["n_clean"], r["n_triggered"]] for r in rows]) + "\n")
     if eval_fig:
         md.append(f"![Backdoor behaviour]({eval_fig})\n")
     ex = [(p, x) for p in pairs for x in ((stored.get(f"evaluate/{p}") or {}).get("evaluation", {})
                                            .get("models", {}).get("poisoned", {}).get("examples", [])[:1])]
     if ex:
-        md.append("Example generations of the poisoned models on triggered inputs:\n")
-        md.append(_table(["pair", "prompt", "output"], [[p, x["prompt"][-60:], x["output"][:80]] for p, x in ex]) + "\n")
+        md.append("Example generations of the poisoned models on triggered inputs (verbatim):\n")
+        md.append(_table(["pair", "prompt", "output"],
+                         [[Md(md_code(p, table=True)), Md(md_code(_clip(x["prompt"], -80), table=True)),
+                           Md(md_code(_clip(x["output"], 100), table=True))] for p, x in ex]) + "\n")
     md.append(f"*Paper.* {PAPER_EVALUATION}\n")
 
-    # analyses
-    names = [a for a in metrics["analyses"]]
-    for name in names:
-        steps = [s for s in manifest["steps"] if s["kind"] == "analysis" and s["analysis"] == name]
-        md.append(f"## {_title(name)}\n")
-        doc = _analysis_doc(name)
-        if doc:
-            md.append(doc + "\n")
-        frames = []
-        for s in steps:
-            payload = stored.get(s["id"])
-            if s.get("skipped"):
-                md.append(f"- `{s['pair']}`: not run ({s['skipped']}).\n")
-                continue
-            if payload is None:
-                md.append(f"- `{s['pair']}`: **did not complete**: {s.get('error') or 'not computed yet'}.\n")
-                continue
-            try:
-                result = result_from_dict(payload["result"])
-            except ProjLensError as err:
-                md.append(f"- `{s['pair']}`: stored result cannot be read ({err}).\n")
-                continue
-            md.append(f"### {name}: {s['pair']}\n")
-            summary = payload.get("summary") or ""
-            if summary:
-                md.append(summary.strip() + "\n")
-            try:
-                frame = result.to_frame()
-                frame.insert(0, "pair", s["pair"])
-                frames.append(frame)
-            except NotImplementedError:
-                pass
-            figs = drawn.get(s["id"], {})
-            if isinstance(figs, str):
-                log(f"{s['id']}: plot failed: {figs}")
-                md.append(f"(figure failed: {figs.split(':')[0]})\n")
-                figs = {}
-            for key, png in figs.items():
-                rel = put_png(f"{name}-{s['pair']}" + (f"-{key}" if key else ""), png)
-                md.append(f"![{name} {s['pair']} {key}]({rel})\n")
-            headline = _scalars(payload.get("metrics", {}))
-            if headline and not summary:
-                items = list(headline.items())[:12]
-                md.append(_table(["metric", "value"], [[k, v] for k, v in items]) + "\n")
-        if frames:
-            rel = put_table(name, pd.concat(frames, ignore_index=True))
-            md.append(f"Full table: [{rel}]({rel}).\n")
-        ref = _paper(name)
-        if ref:
-            md.append(f"*Paper.* {ref}\n")
+    for heading, intro, names in report_order(metrics["analyses"]):
+        md.append(f"## {heading}\n")
+        md.append(intro + "\n")
+        for name in names:
+            md += _analysis_section(name, manifest, stored, drawn, put_png, put_table, log)
 
-    md += _findings(metrics)
+    md += _findings(verdicts, findings_fig)
     skipped = metrics["skipped"]
     if metrics["incomplete"] or skipped:
         md.append("## Not run or incomplete\n")
         for k, v in {**skipped, **metrics["incomplete"]}.items():
-            md.append(f"- `{k}`: {v or 'not computed'}")
+            md.append(f"- {md_code(k)}: {md_text(v or 'not computed')}")
         md.append("")
-    md.append("---\nRegenerate: `projlens study run " + Path(manifest["config_path"]).name + " --out DIR`; "
-              "seeds, versions, hardware and timings are in `provenance.json`.\n")
+    md.append(f"---\nRegenerate (from this folder; stored steps are reused): {md_code(regenerate_command(manifest))}. "
+              "Re-render only: `projlens report .`. Seeds, versions, hardware and timings are in `provenance.json`.\n")
     text = "\n".join(md)
 
     # stale outputs from an earlier config go away
@@ -404,34 +527,96 @@ def render(out: str | Path, log=None, workers: int | None = 1) -> dict:
     return metrics
 
 
+def _clip(s: str, n: int) -> str:
+    """The first ``n`` characters (the last ``-n`` when negative), marked with … where cut."""
+    s = str(s)
+    if len(s) <= abs(n):
+        return s
+    return s[:n] + "…" if n > 0 else "…" + s[n:]
+
+
+def _analysis_section(name, manifest, stored, drawn, put_png, put_table, log) -> list[str]:
+    from ..analyses import result_from_dict
+    md = [f"### {_title(name)}\n"]
+    doc = _analysis_doc(name)
+    if doc:
+        md.append(doc + "\n")
+    frames = []
+    for s in (s for s in manifest["steps"] if s["kind"] == "analysis" and s["analysis"] == name):
+        pair = md_code(s["pair"])
+        payload = stored.get(s["id"])
+        if s.get("skipped"):
+            md.append(f"- {pair}: not run ({md_text(s['skipped'])}).\n")
+            continue
+        if payload is None:
+            md.append(f"- {pair}: **did not complete**: {md_text(s.get('error') or 'not computed yet')}.\n")
+            continue
+        try:
+            result = result_from_dict(payload["result"])
+        except ProjLensError as err:
+            md.append(f"- {pair}: stored result cannot be read ({md_text(err)}).\n")
+            continue
+        md.append(f"#### {md_text(name)}: {pair}\n")
+        summary = payload.get("summary") or ""
+        if summary:
+            md.append(summary.strip() + "\n")
+        try:
+            frame = result.to_frame()
+            frame.insert(0, "pair", s["pair"])
+            frames.append(frame)
+        except NotImplementedError:
+            pass
+        figs = drawn.get(s["id"], {})
+        if isinstance(figs, str):
+            log(f"{s['id']}: plot failed: {figs}")
+            md.append(f"(figure failed: {md_text(figs.split(':')[0])})\n")
+            figs = {}
+        for key, png in figs.items():
+            rel = put_png(f"{name}-{s['pair']}" + (f"-{key}" if key else ""), png)
+            md.append(f"![{md_text(name)} {md_text(s['pair'])} {md_text(key)}]({rel})\n")
+        headline = _scalars(payload.get("metrics", {}))
+        if headline and not summary:
+            items = list(headline.items())[:12]
+            md.append(_table(["metric", "value"], [[k, v] for k, v in items]) + "\n")
+    if frames:
+        rel = put_table(name, pd.concat(frames, ignore_index=True))
+        md.append(f"Full table: [{rel}]({rel}).\n")
+    ref = _paper(name)
+    if ref:
+        md.append(f"*Paper.* {ref}\n")
+    return md
+
+
 def _analysis_doc(name: str) -> str:
     from ..analyses import ANALYSES
     a = ANALYSES.get(name)
     if a is None or not a.doc:
         return ""
-    return a.doc.split("\n\n")[0].replace("\n", " ")
+    return " ".join(a.doc.split("\n\n")[0].split())
 
 
 def _setting(cfg: dict, manifest: dict, metrics: dict) -> list[str]:
     m, d, r, b = cfg["model"], cfg["data"], cfg["run"], cfg["backdoor"]
     lines = ["## Setting\n"]
     if m.get("organism"):
-        lines.append(f"- Models: the projlens organism ({m['organism_size']} build) — a toy LLaVA (CLIP-style tower, "
-                     f"2-layer GELU MLP projector, Llama-style LM); base, clean control and the poisoned variants "
-                     f"{', '.join('`%s`' % v for v in m['variants'])}, each poisoned by projector-only fine-tuning.")
+        lines.append(f"- Models: the projlens organism ({md_text(m['organism_size'])} build) — a toy LLaVA (CLIP-style "
+                     f"tower, 2-layer GELU MLP projector, Llama-style LM); base, clean control and the poisoned variants "
+                     f"{', '.join(md_code(v) for v in m['variants'])}, each poisoned by projector-only fine-tuning.")
     else:
-        lines.append(f"- Models: base `{_short(m['base'])}`, poisoned `{_short(m['poisoned'])}`"
-                     + (f", clean control `{_short(m['control'])}`" if m.get("control") else ", no clean control") + ".")
-    targets = sorted({p.get("target") for p in metrics["pairs"].values() if p.get("target")})
-    lines.append(f"- Backdoor target{'s' if len(targets) > 1 else ''}: " + "; ".join(f"\"{t}\"" for t in targets) + ".")
+        lines.append(f"- Models: base {md_code(_short(m['base']))}, poisoned {md_code(_short(m['poisoned']))}"
+                     + (f", clean control {md_code(_short(m['control']))}" if m.get("control") else ", no clean control")
+                     + ".")
+    lines.append("- Backdoor target per variant (the text the attack makes the model write):")
+    lines += [f"  - {md_code(p)}: {md_code(e['target']) if e.get('target') else 'not known (evaluation did not run)'}"
+              for p, e in metrics["pairs"].items()]
     if b.get("trigger"):
-        lines.append(f"- Trigger applied by the study to every clean image: `{json.dumps(b['trigger'])}`.")
+        lines.append(f"- Trigger applied by the study to every clean image: {md_code(json.dumps(b['trigger']))}.")
     ns = [(p, e["n_clean"], e["n_triggered"]) for p, e in metrics["pairs"].items()]
-    data = "the organism's held-out test set" if not d.get("file") else f"`{Path(d['file']).name}`"
-    lines.append(f"- Data: {data}; " + ", ".join(f"{p}: {c} clean + {t} triggered" for p, c, t in ns)
+    data = "the organism's held-out test set" if not d.get("file") else md_code(Path(d["file"]).name)
+    lines.append(f"- Data: {data}; " + ", ".join(f"{md_code(p)}: {_fmt(c)} clean + {_fmt(t)} triggered" for p, c, t in ns)
                  + (f" (sampled with seed {d['seed']})" if d.get("n") else "") + ".")
-    lines.append(f"- Run: device {r['device']}, dtype {r['dtype']}, batch size {r['batch_size']}, seed {r['seed']}; "
-                 f"greedy generation of at most {r['max_new_tokens']} new tokens.")
+    lines.append(f"- Run: device {md_code(r['device'])}, dtype {md_code(r['dtype'])}, batch size {r['batch_size']}, "
+                 f"seed {r['seed']}; greedy generation of at most {r['max_new_tokens']} new tokens.")
     lines.append(f"- Config hash `{manifest['config_hash']}`.\n")
     return lines
 
@@ -446,116 +631,124 @@ def _num(flat: dict, key: str):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v)) else None
 
 
-def _evidence_low_rank(per: dict) -> tuple[list[str], list[bool]]:
-    """Finding 1: spectrum energy at k=30 (+ random reference), rank-1 vs best low-rank injection ASR."""
-    texts, verdicts = [], []
-    for pair, a in per.items():
-        parts, ok = [], None
-        sp = _scalars(a.get("spectrum") or {})
-        e30, r30 = _num(sp, "linear_2.poisoned.energy_at_30"), _num(sp, "linear_2.random.energy_at_30")
-        if e30 is not None:
-            parts.append(f"E₃₀(ΔW₂) = {e30:.2f}" + (f" (random {r30:.2f})" if r30 is not None else ""))
-        inj = _scalars(a.get("injection") or {})
-        ft = _num(inj, "ft_model.asr")
-        r1 = _num(inj, "inject.base.r1_0.r2_1.asr")
-        cells = [(k, v) for k, v in inj.items() if k.startswith("inject.base.") and _num(inj, k) is not None]
-        if cells and r1 is not None and ft:
-            best_k, best = max(cells, key=lambda kv: kv[1])
-            parts.append(f"rank-1 ΔW₂ injection ASR {r1:.2f}, best low-rank {best:.2f} "
-                         f"({best_k.split('.')[2]}.{best_k.split('.')[3]}), FT {ft:.2f}")
-            ok = r1 <= 0.2 * ft + 1e-9 and best >= 0.8 * ft
-        texts.append(f"{pair}: " + ("; ".join(parts) if parts else "not measured"))
-        if ok is not None:
-            verdicts.append(ok)
-    return texts, verdicts
+def _evidence_low_rank(a: dict) -> tuple[str, bool | None]:
+    """Finding 1 for one pair: spectrum energy at k=30 (+ random reference), rank-1 vs best low-rank injection ASR."""
+    parts, ok = [], None
+    sp = _scalars(a.get("spectrum") or {})
+    e30, r30 = _num(sp, "linear_2.poisoned.energy_at_30"), _num(sp, "linear_2.random.energy_at_30")
+    if e30 is not None:
+        parts.append(f"E₃₀(ΔW₂) = {e30:.2f}" + (f" (random {r30:.2f})" if r30 is not None else ""))
+    inj = _scalars(a.get("injection") or {})
+    ft = _num(inj, "ft_model.asr")
+    r1 = _num(inj, "inject.base.r1_0.r2_1.asr")
+    cells = [(k, v) for k, v in inj.items() if k.startswith("inject.base.") and _num(inj, k) is not None]
+    if cells and r1 is not None and ft:
+        best_k, best = max(cells, key=lambda kv: kv[1])
+        parts.append(f"rank-1 ΔW₂ injection ASR {r1:.2f}, best low-rank {best:.2f} "
+                     f"({best_k.split('.')[2]}.{best_k.split('.')[3]}), FT {ft:.2f}")
+        ok = r1 <= 0.2 * ft + 1e-9 and best >= 0.8 * ft
+    return "; ".join(parts) if parts else "not measured", ok
 
 
-def _evidence_neurons(per: dict) -> tuple[list[str], list[bool]]:
-    texts, verdicts = [], []
-    for pair, a in per.items():
-        n = _scalars(a.get("neurons") or {})
-        corr, dm, cand = _num(n, "corr_M.ft"), _num(n, "ft.max_M_diff"), _num(n, "ft.n_quiescent_candidates")
-        if corr is None:
-            texts.append(f"{pair}: not measured")
-            continue
-        texts.append(f"{pair}: corr(M_p, M_c) = {corr:.3f}, max M_p − M_c = {_fmt(dm)}, quiescent candidates {_fmt(cand)}")
-        verdicts.append(corr >= 0.98 and (cand or 0) == 0)
-    return texts, verdicts
+def _evidence_neurons(a: dict) -> tuple[str, bool | None]:
+    n = _scalars(a.get("neurons") or {})
+    corr, dm, cand = _num(n, "corr_M.ft"), _num(n, "ft.max_M_diff"), _num(n, "ft.n_quiescent_candidates")
+    if corr is None:
+        return "not measured", None
+    return (f"corr(M_p, M_c) = {corr:.3f}, max M_p − M_c = {_fmt(dm)}, quiescent candidates {_fmt(cand)}",
+            corr >= 0.98 and (cand or 0) == 0)
 
 
-def _evidence_shift(per: dict) -> tuple[list[str], list[bool]]:
-    texts, verdicts = [], []
-    for pair, a in per.items():
-        sh, nm = _scalars(a.get("shift") or {}), _scalars(a.get("norm") or {})
-        e1c, e1t = _num(sh, "energy_k1.clean"), _num(sh, "energy_k1.triggered")
-        rc, rt = _num(nm, "clean.r"), _num(nm, "triggered.r")
-        parts = []
-        if e1c is not None:
-            parts.append(f"ΔE energy at k=1: clean {e1c:.2f}, triggered {_fmt(e1t)}")
-        if rc is not None:
-            parts.append(f"norm fit r: clean {rc:.2f}, triggered {_fmt(rt)}")
-        texts.append(f"{pair}: " + ("; ".join(parts) if parts else "not measured"))
-        if e1c is not None and rc is not None:
-            verdicts.append(min(e1c, e1t or e1c) >= 0.5 and min(rc, rt if rt is not None else rc) >= 0.9)
-    return texts, verdicts
+def _evidence_shift(a: dict) -> tuple[str, bool | None]:
+    sh, nm = _scalars(a.get("shift") or {}), _scalars(a.get("norm") or {})
+    e1c, e1t = _num(sh, "energy_k1.clean"), _num(sh, "energy_k1.triggered")
+    rc, rt = _num(nm, "clean.r"), _num(nm, "triggered.r")
+    parts = []
+    if e1c is not None:
+        parts.append(f"ΔE energy at k=1: clean {e1c:.2f}, triggered {_fmt(e1t)}")
+    if rc is not None:
+        parts.append(f"norm fit r: clean {rc:.2f}, triggered {_fmt(rt)}")
+    ok = None
+    if e1c is not None and rc is not None:
+        ok = min(e1c, e1t or e1c) >= 0.5 and min(rc, rt if rt is not None else rc) >= 0.9
+    return "; ".join(parts) if parts else "not measured", ok
 
 
 EVIDENCE = [_evidence_low_rank, _evidence_neurons, _evidence_shift]
 VERDICT_NEEDS = ["injection", "neurons", "shift and norm"]
 
+VERDICT_RULES = ("Verdict rules (per pair): (1) rank-1 injection ASR ≤ 20 % of the FT model's and some injection of "
+                 "rank ≤ 5 reaches ≥ 80 % of it; (2) corr(M_p, M_c) ≥ 0.98 and no quiescent-on-clean candidate unit; "
+                 "(3) ΔE energy at k = 1 ≥ 0.5 and the norm fit's Pearson r ≥ 0.9, clean and triggered.")
+
 
 def findings_verdicts(metrics: dict) -> list[dict]:
-    """The findings table's verdicts: a pure function of a metrics.json dict (``projlens verify`` compares them).
+    """The paper's findings checked against a metrics.json dict (a pure function of it).
 
-    One dict per finding: ``finding`` (the claim), ``analyses``, ``evidence`` (one text per pair),
-    ``pairs`` (the per-pair verdicts, True = reproduces, for the pairs that have the evidence) and
-    ``verdict`` (the table's cell).
+    One dict per finding: ``finding`` (the claim), ``analyses`` (what it needs), ``evidence`` (one text
+    per pair), ``pairs`` (per-pair verdicts, True = reproduces, for the pairs that have the evidence),
+    ``by_pair`` (``{pair: True | False | None}``, None = not measured) and ``verdict`` (one line).
     """
-    per = {p: e["analyses"] for p, e in metrics["pairs"].items()}
     out = []
     for i, ((claim, names, _), evidence) in enumerate(zip(FINDINGS, EVIDENCE)):
-        texts, verdicts = evidence(per)
+        by_pair, texts = {}, []
+        for pair, entry in metrics["pairs"].items():
+            text, ok = evidence(entry["analyses"])
+            texts.append(f"{pair}: {text}")
+            by_pair[pair] = ok
+        verdicts = [v for v in by_pair.values() if v is not None]
         if verdicts:
             k = sum(verdicts)
             verdict = ("reproduces" if k == len(verdicts) else "does not reproduce" if k == 0 else "mixed") + \
                       f" ({k}/{len(verdicts)} pairs)"
         else:
             verdict = "no verdict (needs " + VERDICT_NEEDS[i] + ")"
-        out.append({"finding": claim, "analyses": names, "evidence": texts, "pairs": [bool(v) for v in verdicts],
-                    "verdict": verdict})
+        out.append({"finding": claim, "analyses": list(names), "evidence": texts, "pairs": [bool(v) for v in verdicts],
+                    "by_pair": by_pair, "verdict": verdict})
     return out
 
 
-def _findings(metrics: dict) -> list[str]:
-    lines = ["## The paper's findings vs this study\n",
-             "Verdict rules (per pair): (1) rank-1 injection ASR ≤ 20 % of the FT model's and some injection of "
-             "rank ≤ 5 reaches ≥ 80 % of it; (2) corr(M_p, M_c) ≥ 0.98 and no quiescent-on-clean candidate unit; "
-             "(3) ΔE energy at k = 1 ≥ 0.5 and the norm fit's Pearson r ≥ 0.9, clean and triggered.\n"]
-    rows = [[f["finding"], " ".join(_paper(n) for n in f["analyses"]), "<br>".join(f["evidence"]),
-             f["verdict"]] for f in findings_verdicts(metrics)]
-    lines.append(_table(["finding", "paper (LLaVA-1.5-7B)", "this study", "verdict"], rows) + "\n")
+def _findings(verdicts: list[dict], figure: str | None) -> list[str]:
+    lines = ["## The paper's findings vs this study\n", VERDICT_RULES + "\n"]
+    if figure:
+        lines.append(f"![The paper's findings vs this study, per variant]({figure})\n")
+    for f in verdicts:
+        lines.append(f"**{f['finding']}** Verdict: **{f['verdict']}**.\n")
+        ref = " ".join(_paper(n) for n in f["analyses"]).strip()
+        if ref:
+            lines.append(f"*Paper (LLaVA-1.5-7B).* {ref}\n")
+        mark = {True: "reproduces", False: "does not reproduce", None: "not measured"}
+        rows = [[Md(md_code(p, table=True)), text[len(p) + 2:], mark[ok]]
+                for (p, ok), text in zip(f["by_pair"].items(), f["evidence"])]
+        lines.append(_table(["pair", "this study", "verdict"], rows) + "\n")
     return lines
 
 
+_OWN_FILE = re.compile(r"(figures|tables)/[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
 def to_html(text: str, out: Path, title: str) -> str:
-    """The report as one self-contained HTML page (figures inline as base64)."""
-    try:
-        from markdown_it import MarkdownIt
-        body = MarkdownIt("commonmark", {"html": True}).enable("table").render(text)
-    except ImportError:  # pragma: no cover
-        import html
-        body = f"<pre>{html.escape(text)}</pre>"
+    """The report as one self-contained HTML page (figures inline as base64).
+
+    Raw HTML in the Markdown is shown as text, not passed through (a prompt's ``<image>`` stays
+    visible, a generation's ``<script>`` stays inert), and links and images may only point at the
+    folder's own ``figures/`` and ``tables/`` (no remote image, no ``javascript:`` link).
+    """
+    import html
+    from markdown_it import MarkdownIt
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    md.validateLink = lambda url: bool(_OWN_FILE.fullmatch(url))
+    body = md.render(text)
 
     def inline(m):
         path = out / m.group(1)
-        if not path.is_file():
+        if not _OWN_FILE.fullmatch(m.group(1)) or not path.is_file():
             return m.group(0)
         return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
-    body = re.sub(r'src="(figures/[^"]+)"', inline, body)
+    body = re.sub(r'<img src="(figures/[^"]+)"', lambda m: "<img " + inline(m), body)
     style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
              "img{max-width:100%}table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;"
              "padding:.2rem .5rem;font-size:.9rem;vertical-align:top}code{background:#f4f4f4}")
-    import html
     return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n{body}</body></html>\n")
 

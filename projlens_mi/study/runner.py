@@ -394,11 +394,34 @@ def _computed_steps(cfg: StudyConfig, pairs: list[PairSpec], todo: list[Step], l
             yield s, status, payload, seconds
 
 
-def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = True) -> Outcome:
+def progress_bars_shown() -> bool:
+    """Whether progress bars can be drawn: stderr is a terminal, or a notebook shows tqdm's widgets.
+
+    Elsewhere (a log file, a pipe, CI) a bar's ``\\r`` redraws and escape codes would be written as
+    text, so progress is shown as one plain line per finished step instead.
+    """
+    import sys
+    try:
+        from tqdm.autonotebook import tqdm as auto
+        from tqdm.notebook import tqdm as notebook
+        if auto is notebook:
+            return True
+    except ImportError:
+        pass
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = True,
+              command: list[str] | None = None) -> Outcome:
     """Compute every step not stored yet, then write the report folder. Returns what was done.
 
     Under torchrun (``run.tp_size``) every rank computes every step, the sharded forwards in step;
     only rank 0 writes under ``out``.
+
+    ``progress``: show progress: bars on a terminal (``log`` messages are printed above them, never
+    glued onto a bar line), otherwise one ``log`` line per finished step ("[3/45] step: done in 1.2 s").
+    ``command``: the ``projlens`` arguments (without ``--out``) that recompute this folder, for the
+    report's footer (default: ``study run CONFIG``).
     """
     import torch
     from tqdm.auto import tqdm
@@ -406,10 +429,18 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
 
     out = check_writable_folder(out)   # before any work: not after the steps, with a traceback
     log = log or (lambda msg: None)
+    writer = torchrun_rank() == 0
+    bars = progress and writer and progress_bars_shown()
+    if bars:   # a message clears the bars, is printed, and the bars are drawn again below it
+        import sys
+        user_log = log
+
+        def log(msg):
+            with tqdm.external_write_mode(file=sys.stderr):
+                user_log(msg)
     if cfg.run.tp_size is not None:   # before anything is written, not at the first model load
         from ..model.load import require_ranks
         require_ranks(cfg.run.tp_size, f"torchrun --nproc_per_node {cfg.run.tp_size} -m projlens_mi.cli study run ...")
-    writer = torchrun_rank() == 0
     t_start = time.perf_counter()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -419,7 +450,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
     store = StepStore(out)
     outcome = Outcome()
 
-    bar = tqdm(total=len(steps), desc="study", unit="step", disable=not progress or not writer, leave=False)
+    bar = tqdm(total=len(steps), desc="study", unit="step", disable=not bars, leave=False)
     todo = []
     for s in steps:   # what is cached is decided once, before any rank computes (ranks must agree)
         if s.skipped:
@@ -444,10 +475,12 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
             todo.append(s)
             continue
         bar.update(1)
-    computed = _computed_steps(cfg, pairs, todo, log, progress and writer)
+    log(f"{len(todo)} of {len(steps)} steps to compute ({len(steps) - len(todo)} stored or skipped)")
+    computed = _computed_steps(cfg, pairs, todo, log, bars)
     try:
         for s, status, payload, seconds in computed:
             bar.set_postfix_str(s.id)
+            done = f"[{len(outcome.status) + 1}/{len(steps)}] {s.id}"
             outcome.status[s.id] = status
             if status == "failed":
                 outcome.errors[s.id] = payload
@@ -456,7 +489,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
                     store.put(s.key, {"step": s.id, "kind": s.kind, "pair": s.pair, "analysis": s.analysis,
                                       "key": s.key, "material": s.material, "seconds": seconds, **payload})
                 outcome.seconds[s.id] = seconds
-                log(f"{s.id}: done in {seconds:.1f} s")
+                log(f"{done}: done in {seconds:.1f} s")
             bar.update(1)
     finally:   # an interrupt or an error here: end the worker processes now, not when garbage-collected
         computed.close()
@@ -467,6 +500,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, log=None, progress: bool = T
         return outcome
 
     manifest = {"config": cfg.canonical(), "config_hash": cfg.hash(), "config_path": cfg.path,
+                "command": list(command) if command else ["study", "run", str(cfg.path)],
                 "pairs": [p.__dict__ for p in pairs],
                 "steps": [{"id": s.id, "kind": s.kind, "key": s.key, "pair": s.pair, "analysis": s.analysis,
                            "skipped": s.skipped, "status": outcome.status.get(s.id),
