@@ -212,3 +212,12 @@ def test_figures_fixed_probability_axes_and_one_colorbar():
                        baselines={"clean": {"triggered": 0.9, "corrupted": 0.1},
                                   "noise": {"triggered": 0.9, "corrupted": 0.4}})
     assert _colorbars(tr.plot(), (2, 3)) == 1
+
+
+def test_terminal_summary_prints_no_control_characters():
+    from projlens_mi.study.report import summary_text
+    from projlens_mi.study.runner import Outcome
+    metrics = {"study": {"title": "t", "config_hash": "h"}, "pairs": {}, "analyses": []}
+    outcome = Outcome(status={"evaluate/x": "failed"}, errors={"evaluate/x": "line 3: \x1b[2J\x1b]0;owned\x07 bad\r"})
+    text = summary_text(metrics, outcome, Path("out"))
+    assert "FAILED evaluate/x: line 3:" in text and not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", text)

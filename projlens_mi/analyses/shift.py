@@ -243,7 +243,7 @@ class ShiftResult(Result):
                  f"- cos(v0 clean, v0 triggered) = {self.cosines.get('svd clean vs triggered', float('nan')):.3f}; "
                  f"cos(mean shift clean, triggered) = {self.cosines.get('mean clean vs triggered', float('nan')):.3f}; "
                  f"v0 carries {self.variance_share.get('all', float('nan')):.0%} of the token-centred variance.",
-                 f"- Logit lens of v0: top tokens {', '.join(l['top_tokens'][:5])}; best rank of a target token "
+                 f"- Logit lens of v0: top tokens {', '.join(common.md_code(t) for t in l['top_tokens'][:5])}; best rank of a target token "
                  f"{l['best_target_rank']} of {l['vocab']} (random directions: median best rank "
                  f"{l['chance_best_rank']:.0f}); mean-shift direction: best rank {self.lens['mean']['best_target_rank']}."]
         return "\n".join(lines)

@@ -242,7 +242,8 @@ def evaluation_figure(metrics: dict):
             ax.axhline(yy + 0.5, color="0.9", lw=0.8)
     axes[0, 0].set_yticks(y, pairs, fontsize=9)
     axes[0, 0].set_ylim(len(pairs) - 0.5, -0.5)
-    axes[0, -1].legend(loc="center right", fontsize=8, title="model", title_fontsize=8)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right center", fontsize=8, title="model",
+               title_fontsize=8)
     fig.suptitle("Backdoor behaviour on the study's data (greedy generation, target substring)")
     return fig
 
@@ -759,6 +760,11 @@ def one_line(metrics: dict, out: Path) -> str:
             f"false_trigger_rate={_fmt(metrics['false_trigger_rate'])} incomplete={len(metrics['incomplete'])}")
 
 
+def _printable(s) -> str:
+    """``s`` without control characters (an error quoting a data line must not move the terminal's cursor)."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(s))
+
+
 def summary_text(metrics: dict, outcome, out: Path) -> str:
     """The one-screen summary printed at the end of a run."""
     pairs = list(metrics["pairs"])
@@ -787,6 +793,6 @@ def summary_text(metrics: dict, outcome, out: Path) -> str:
     lines.append("steps: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                  + f"; wall {outcome.wall_seconds:.0f} s")
     for k, v in outcome.errors.items():
-        lines.append(f"  FAILED {k}: {v}")
+        lines.append(f"  FAILED {k}: {_printable(v)}")
     lines.append(f"report: {out / 'report.md'}  (html: {out / 'report.html'})")
     return "\n".join(lines)
