@@ -242,7 +242,8 @@ class InjectionResult(Result):
             d = "ΔW = W_ft − W_base" if ref == "base" else "ΔW' = W_ft − W_control"
             a.set(title=f"{self.variant}: ASR (%), base + top-k of\n{d} (bias: {self.bias})",
                   xlabel="rank of ΔW2 injected", ylabel="rank of ΔW1 injected")
-        fig.colorbar(im, ax=list(axes[0][:len(refs)]), label="ASR (%)", shrink=0.8)
+        fig.colorbar(im, ax=list(axes[0][:len(refs)]), label="ASR (%) of the injected projector", location="bottom",
+                     shrink=0.5, aspect=40)
         a = axes[0][-1]
         rem = self.cells[self.cells.kind.isin(["remove", "placebo"]) & (self.cells.reference == "base")]
         specs = list(dict.fromkeys(rem.removal))

@@ -88,7 +88,7 @@ class PatchingResult(Result):
                 for w in range(len(self.windows)):
                     v = self.effect[a, s, w]
                     if np.isfinite(v):
-                        ax.text(w, s, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        ax.text(w, s, f"{0.0 if abs(v) < 0.005 else v:.2f}", ha="center", va="center", fontsize=7,
                                 color="white" if abs(v) > 0.6 else "black")
             C.mark_empty(ax, self.effect[a])
         fig.colorbar(im, ax=list(axes[0]), label="normalised effect (fraction of the backdoor)", shrink=0.9)
