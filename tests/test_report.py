@@ -221,3 +221,23 @@ def test_terminal_summary_prints_no_control_characters():
     outcome = Outcome(status={"evaluate/x": "failed"}, errors={"evaluate/x": "line 3: \x1b[2J\x1b]0;owned\x07 bad\r"})
     text = summary_text(metrics, outcome, Path("out"))
     assert "FAILED evaluate/x: line 3:" in text and not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", text)
+
+
+def test_report_figures_show_every_value_on_fixed_axes():
+    from projlens_mi.study.report import _limits, evaluation_figure, summary_figure
+    pairs = {p: {"asr": a, "clean_accuracy": 0.97, "false_trigger_rate": 0.0, "target": "t", "n_clean": 4,
+                 "n_triggered": 4, "reference": {"base": {"asr": 0.0, "clean_accuracy": 1.0, "false_trigger_rate": 0.0},
+                                                 "control": {"asr": 0.0, "clean_accuracy": 0.97, "false_trigger_rate": 0.0}},
+                 "analyses": {"shift": {"energy_k1": {"clean": e}}}}
+             for p, a, e in (("a", 1.0, 0.9688), ("b", 0.5, 0.9705))}
+    metrics = {"pairs": pairs, "analyses": ["shift"]}
+    fig = evaluation_figure(metrics)
+    for ax in fig.axes:
+        assert not ax.texts                                       # no value labels to overlap
+        assert ax.get_xlim() == (-0.04, 1.04)
+        points = [c.get_offsets() for c in ax.collections]
+        assert len(points) == 3 and all(len(p) == 2 and np.isfinite(np.asarray(p)).all() for p in points)
+    fig = summary_figure(metrics)
+    shift_ax = next(ax for ax in fig.axes if ax.get_title().startswith("shift"))
+    assert shift_ax.get_xlim() == (0.0, 1.0)                      # 0.9688 vs 0.9705 is not an effect
+    assert _limits("baselines.clean.corrupted") is None and _limits("corr_M.ft") == (-1.0, 1.0)
