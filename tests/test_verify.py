@@ -230,3 +230,48 @@ def test_tolerance_rules():
     r = rule(("pairs", "p", "analyses", "patching", "noising_projector_out_image"), m, cfg, ar)
     assert r.kind == "amplified" and r.amplify == pytest.approx(13.46 / 0.12)
     assert rule(("asr",), m, cfg, ar).n == 8
+    m["pairs"]["p"]["analyses"]["probe"] = {"ft.true.accuracy": 0.9}
+    m["pairs"]["p"]["analyses"]["ablation"] = {"baseline": {"accuracy": 0.9}}
+    assert rule(("pairs", "p", "analyses", "probe", "ft.true.accuracy"), m, cfg, ar).n == 18
+    assert rule(("pairs", "p", "analyses", "ablation", "baseline", "accuracy"), m, cfg, ar).n == 10
+
+
+def test_rank_tolerance_covers_fresh_perturbations():
+    """Attribution's Spearman / top-k tolerance (the forward tolerance propagated through the sort by
+    seeded draws) covers fresh perturbations of the same size (other draws, checked with scipy), is 0
+    when no cells are near-tied, and grows with the near-ties."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from projlens_mi.study.verify import rank_tolerance
+    rng = np.random.default_rng(1)
+    top = lambda v, k: set(np.argsort(-v, kind="stable")[:k].tolist())  # noqa: E731
+    for trial in range(20):
+        n, t = int(rng.integers(8, 60)), 10.0 ** rng.uniform(-4, -1)
+        x = rng.normal(size=n).round(int(rng.integers(1, 3)))      # rounded: many exact and near ties
+        y = x + rng.normal(scale=0.5, size=n)
+        k = int(rng.integers(1, n))
+        tol = rank_tolerance(x, y, t, k)
+        rho, overlap = spearmanr(x, y).statistic, len(top(x, k) & top(y, k)) / k
+        for _ in range(20):
+            xp, yp = x + rng.uniform(-t, t, n), y + rng.uniform(-t, t, n)
+            assert abs(spearmanr(xp, yp).statistic - rho) <= tol["spearman"] + 1e-12
+            assert abs(len(top(xp, k) & top(yp, k)) / k - overlap) <= tol["top_k_overlap"] + 1e-12
+    x = np.arange(20.0)
+    assert rank_tolerance(x, x[::-1].copy(), 1e-6, 5) == {"spearman": 0.0, "top_k_overlap": 0.0}
+    y = x + 0.7 * (x % 2)                             # 9 pairs 0.3 apart: swap under a drift of 0.2
+    assert 0 < rank_tolerance(x, y, 0.2, 5)["spearman"] < rank_tolerance(x, y, 2.0, 5)["spearman"]
+
+
+def test_trained_rates_tolerate_a_seed_spread():
+    from projlens_mi.study.verify import compare, seed_spread
+    assert seed_spread(0.5, 80) == 13 and seed_spread(1.0, 80) == 1
+    ar = Arithmetic("float32", reduction=96, depth=6, unit_roundoff=2.0 ** -24)
+    old = {"pairs": {"p": {"n_clean": 40, "n_triggered": 40, "analyses": {"probe": {"ft.shuffled.accuracy": 0.5,
+                                                                                   "ft.true.accuracy": 1.0}}}}}
+    new = json.loads(json.dumps(old))
+    new["pairs"]["p"]["analyses"]["probe"].update({"ft.shuffled.accuracy": 0.55, "ft.true.accuracy": 1 - 2 / 80})
+    rows, _ = compare(old, new, {}, ar)
+    by = {r.metric.split(".")[-2] + "." + r.metric.split(".")[-1]: r for r in rows}
+    assert by["shuffled.accuracy"].ok and by["shuffled.accuracy"].change == "4 of 80 flipped"
+    assert not by["true.accuracy"].ok and by["true.accuracy"].tolerance == "1 flips"

@@ -18,9 +18,10 @@ Tolerances come from the arithmetic (``Arithmetic``): a float32 dot product of l
 another order differs by about ``2·sqrt(K)·u`` relative (u = 2⁻²⁴, rounding errors as a random
 walk), plus one rounding to the run's dtype, a network adds one such step per layer, and a safety
 factor of 10 covers the conditioning of the statistics computed from the activations. Values that are rates over generated samples are
-compared as the number of samples that flipped; values that come out of a sort, an argmax or a
-threshold (ranks, counts, Spearman, top-k overlaps) are compared exactly, since a near-tie may
-resolve the other way on another machine and verify must say so.
+compared as the number of samples that flipped (a trained probe's up to another seed's spread);
+attribution's rank statistics get the forward tolerance propagated through their sort; other
+values that come out of a sort, an argmax or a threshold (ranks, counts) are compared exactly,
+since a near-tie may resolve the other way on another machine and verify must say so.
 """
 
 from __future__ import annotations
@@ -95,10 +96,60 @@ def arithmetic(cfg) -> Arithmetic:
 
 @dataclass
 class Rule:
-    kind: str               # exact | discrete | rate | forward | weights | amplified
+    kind: str               # exact | discrete | rate | trained | forward | weights | amplified | rank
     rtol: float = 0.0       # relative to max(|stored|, 1), times ``amplify``
     amplify: float = 1.0    # |scale| / |contrast| of a normalised effect
     n: int | None = None    # samples behind a rate
+    atol: float = 0.0       # absolute (a rank statistic's near-tie bound)
+
+
+def seed_spread(p: float, n: int) -> int:
+    """Flips a trained classifier's held-out rate may show when a last-bit change of its inputs acts as
+    another training seed: twice the standard deviation of the difference of two binomial counts
+    (2·sqrt(2·n·p·(1 − p))), at least 1."""
+    return max(1, math.ceil(2.0 * math.sqrt(2.0 * n * p * (1.0 - p))))
+
+
+def rank_tolerance(actual, estimate, t: float, k: int, draws: int = 200) -> dict:
+    """Tolerances of attribution's rank statistics: the forward tolerance propagated through the sort.
+
+    Every stored cell (real and estimated normalised effects) is moved by an independent uniform
+    drift in [−t, t] (``draws`` seeded draws); the tolerance is twice the largest change of Spearman and
+    of the top-k overlap seen. Cells far apart never swap (tolerance 0); near-ties (many cells with
+    almost no effect) make a rank statistic move by more than the drift itself, and this says how much."""
+    import numpy as np
+    from scipy.stats import spearmanr
+    x, y = np.asarray(actual, dtype=float).ravel(), np.asarray(estimate, dtype=float).ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = len(x)
+    if n < 3 or t <= 0:
+        return {"spearman": 0.0, "top_k_overlap": 0.0}
+    k = min(k, n)
+    top = lambda v: set(np.argsort(-v, kind="stable")[:k].tolist())  # noqa: E731  (as attribution.agreement)
+    rho, overlap = spearmanr(x, y).statistic, len(top(x) & top(y)) / k
+    rng = np.random.default_rng(0)
+    d_rho = d_top = 0.0
+    for _ in range(draws):
+        xp, yp = x + rng.uniform(-t, t, n), y + rng.uniform(-t, t, n)
+        d_rho = max(d_rho, abs(spearmanr(xp, yp).statistic - rho))
+        d_top = max(d_top, abs(len(top(xp) & top(yp)) / k - overlap))
+    return {"spearman": 2.0 * d_rho, "top_k_overlap": 2.0 * d_top}
+
+
+def attribution_cells(out: Path, manifest: dict) -> dict:
+    """Per pair, the stored attribution result's (actual, estimate, directions, top_k) for ``rank_tolerance``."""
+    from ..analyses import result_from_dict
+    cells = {}
+    for s in manifest["steps"]:
+        if s.get("analysis") != "attribution":
+            continue
+        try:
+            r = result_from_dict(json.loads((out / ".steps" / f"{s['key']}.json").read_text())["result"])
+        except (OSError, ValueError, KeyError, ProjLensError):
+            continue
+        cells[s["pair"]] = (r.actual, r.estimate, list(getattr(r, "directions", []) or []), int(r.top_k))
+    return cells
 
 
 def _words(keys) -> list[str]:
@@ -123,10 +174,11 @@ def _contrast(a, b) -> float:
     return max(abs(a), abs(b), 1.0) / abs(a - b)
 
 
-def rule(path: tuple, metrics: dict, cfg: dict, ar: Arithmetic) -> Rule:
-    """The tolerance of one leaf of metrics.json (``path``: its keys and list indices)."""
+def rule(path: tuple, metrics: dict, cfg: dict, ar: Arithmetic, cells: dict | None = None) -> Rule:
+    """The tolerance of one leaf of metrics.json (``path``: its keys and list indices; ``cells``: what
+    ``attribution_cells`` returns, for the rank statistics' near-tie bounds)."""
     head = path[0]
-    value_kind_rate = path[-1] in RATE_WORDS if isinstance(path[-1], str) else False
+    is_rate = path[-1] in RATE_WORDS if isinstance(path[-1], str) else False
     if head in ("asr", "clean_accuracy", "false_trigger_rate"):
         pairs = metrics.get("pairs") or {}
         counts = [p.get("n_clean" if head in RATE_ON_CLEAN else "n_triggered") for p in pairs.values()]
@@ -138,7 +190,7 @@ def rule(path: tuple, metrics: dict, cfg: dict, ar: Arithmetic) -> Rule:
     if rest[0] in ("target", "n_clean", "n_triggered"):
         return Rule("exact")
     if rest[0] != "analyses":   # the pair's evaluation and its references
-        if value_kind_rate:
+        if is_rate:
             nt, nc = _n_of(pair, cfg, None)
             return Rule("rate", n=nc if path[-1] in RATE_ON_CLEAN else nt)
         return Rule("exact")
@@ -146,17 +198,31 @@ def rule(path: tuple, metrics: dict, cfg: dict, ar: Arithmetic) -> Rule:
         return Rule("exact")
     name, keys = rest[1], rest[2:]
     words = _words(keys)
+    a = (metrics["pairs"][path[1]]["analyses"].get(name)) or {}
+    if name == "attribution" and keys[0] in ("spearman", "spearman_by_direction", "top_k_overlap") \
+            and path[1] in (cells or {}):
+        actual, estimate, directions, k = cells[path[1]]
+        t = ar.forward_rtol * _contrast(a.get("triggered_mean"), a.get("clean_mean"))
+        if keys[0] == "spearman_by_direction" and len(keys) > 1 and keys[1] in directions:
+            i = directions.index(keys[1])
+            actual, estimate = actual[i], estimate[i]
+        import numpy as np
+        scale = max(1.0, float(np.nanmax(np.abs(np.concatenate([np.ravel(actual), np.ravel(estimate)])))))
+        bound = rank_tolerance(actual, estimate, t * scale, k)
+        return Rule("rank", atol=bound["top_k_overlap" if keys[0] == "top_k_overlap" else "spearman"])
     if any(w in DISCRETE_WORDS for w in words) or (name == "tracing" and keys[0] == "direction"):
         return Rule("discrete")
     last = next((w for w in reversed(words)), "")
     if last in RATE_WORDS or last.startswith(("asr_", "clean_accuracy_")):
         nt, nc = _n_of(pair, cfg, name)
         on_clean = last in RATE_ON_CLEAN or last.startswith("clean_accuracy_")
-        n = (nt + nc if nt is not None and nc is not None else None) if last == "accuracy" else (nc if on_clean else nt)
-        return Rule("rate", n=n)
+        if last == "accuracy" and name == "probe":     # held-out decisions on clean and triggered inputs
+            n = nt + nc if nt is not None and nc is not None else None
+        else:                                           # elsewhere "accuracy" is clean accuracy
+            n = nc if on_clean or last == "accuracy" else nt
+        return Rule("trained" if name == "probe" else "rate", n=n)
     if name == "spectrum":
         return Rule("weights", ar.weights_rtol)
-    a = (metrics["pairs"][path[1]]["analyses"].get(name)) or {}
     if name in ("patching", "attribution") and keys[0] not in ("clean_mean", "triggered_mean"):
         return Rule("amplified", ar.forward_rtol, _contrast(a.get("triggered_mean"), a.get("clean_mean")))
     if name == "tracing" and keys[0] != "baselines":
@@ -205,7 +271,8 @@ class Row:
     ratio: float = 0.0     # |change| / tolerance (for sorting what is within it)
 
 
-def compare(stored: dict, new: dict, cfg: dict, ar: Arithmetic, flips: int = 0) -> tuple[list[Row], int]:
+def compare(stored: dict, new: dict, cfg: dict, ar: Arithmetic, flips: int = 0,
+            cells: dict | None = None) -> tuple[list[Row], int]:
     """The rows that differ (within tolerance or not) and the number of leaves compared."""
     a, b = flatten(stored), flatten(new)
     rows = []
@@ -216,20 +283,21 @@ def compare(stored: dict, new: dict, cfg: dict, ar: Arithmetic, flips: int = 0) 
             continue
         if old == now and type(old) is type(now):
             continue
-        r = rule(path, stored, cfg, ar)
+        r = rule(path, stored, cfg, ar, cells)
         if not (_num(old) and _num(now)) or r.kind in ("exact", "discrete"):
             rows.append(Row(show_path(path), r.kind, old, now, "changed", "exact", False, math.inf))
             continue
         delta = now - old
-        if r.kind == "rate":
+        if r.kind in ("rate", "trained"):
             if r.n is None:
-                rows.append(Row(show_path(path), "rate", old, now, f"{delta:+.4g}", "exact (n unknown)", False, math.inf))
+                rows.append(Row(show_path(path), r.kind, old, now, f"{delta:+.4g}", "exact (n unknown)", False, math.inf))
                 continue
             k = math.ceil(abs(delta) * r.n - 1e-6)
-            rows.append(Row(show_path(path), "rate", old, now, f"{k} of {r.n} flipped", f"{flips} flips", k <= flips,
-                            k / max(flips, 1e-12)))
+            allowed = flips + (seed_spread(min(max(old, 0.0), 1.0), r.n) if r.kind == "trained" else 0)
+            rows.append(Row(show_path(path), r.kind, old, now, f"{k} of {r.n} flipped", f"{allowed} flips",
+                            k <= allowed, k / max(allowed, 1e-12)))
             continue
-        tol = r.rtol * max(abs(old), 1.0) * r.amplify
+        tol = r.rtol * max(abs(old), 1.0) * r.amplify + r.atol
         ok = abs(delta) <= tol
         rows.append(Row(show_path(path), r.kind, old, now, f"{delta:+.3g}", f"{tol:.2g}", ok, abs(delta) / tol))
     return rows, len(a)
@@ -360,7 +428,7 @@ class Verification:
         ar = self.arithmetic
         lines.append(f"tolerances ({ar.dtype}, K = {ar.reduction}, depth {ar.depth}): forward {ar.forward_rtol:.1e}, "
                      f"weights {ar.weights_rtol:.1e} (relative to max(|x|, 1)); rates: {self.flips} flipped samples; "
-                     "ranks, counts, Spearman: exact")
+                     "probe: + seed spread; Spearman / top-k: from near-ties; ranks, counts: exact")
         for sid, err in self.failed_steps.items():
             lines.append(f"step {sid} failed when re-computed: {err}")
         changed, moved = len(self.rows), len(self.moved)
@@ -506,6 +574,7 @@ def verify(out: str | Path, *, steps: list[str] | None = None, flips: int = 0, w
     finally:
         if work is None:
             shutil.rmtree(side, ignore_errors=True)
-    result.rows, result.compared = compare(metrics, new, prov["config"], result.arithmetic, flips)
+    result.rows, result.compared = compare(metrics, new, prov["config"], result.arithmetic, flips,
+                                           attribution_cells(out, manifest))
     result.verdicts, result.n_findings = verdict_changes(metrics, new)
     return result
