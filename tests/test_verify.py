@@ -230,6 +230,10 @@ def test_tolerance_rules():
     r = rule(("pairs", "p", "analyses", "patching", "noising_projector_out_image"), m, cfg, ar)
     assert r.kind == "amplified" and r.amplify == pytest.approx(13.46 / 0.12)
     assert rule(("asr",), m, cfg, ar).n == 8
+    m["pairs"]["p"]["analyses"]["neurons"] = {"ft.n_quiescent_candidates_hi": 2, "baseline.asr_lo": 0.5}
+    assert rule(("pairs", "p", "analyses", "neurons", "ft.n_quiescent_candidates_hi"), m, cfg, ar).kind == "discrete"
+    assert rule(("pairs", "p", "analyses", "neurons", "baseline.asr_lo"), m, cfg, ar).kind == "rate"
+    assert rule(("pairs", "p", "analyses", "shift", "energy_k1.clean_hi"), m, cfg, ar).kind == "forward"
     m["pairs"]["p"]["analyses"]["probe"] = {"ft.true.accuracy": 0.9}
     m["pairs"]["p"]["analyses"]["ablation"] = {"baseline": {"accuracy": 0.9}}
     assert rule(("pairs", "p", "analyses", "probe", "ft.true.accuracy"), m, cfg, ar).n == 18

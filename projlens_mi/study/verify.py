@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 import tempfile
 import tomllib
@@ -153,7 +154,8 @@ def attribution_cells(out: Path, manifest: dict) -> dict:
 
 
 def _words(keys) -> list[str]:
-    return [w for k in keys if isinstance(k, str) for w in k.split(".")]
+    """The words of a metric's keys, a bootstrap bound's ``_lo`` / ``_hi`` dropped (it has its estimate's kind)."""
+    return [re.sub(r"_(lo|hi)$", "", w) for k in keys if isinstance(k, str) for w in k.split(".")]
 
 
 def _n_of(pair: dict, cfg: dict, analysis: str | None) -> tuple[int | None, int | None]:
@@ -178,7 +180,8 @@ def rule(path: tuple, metrics: dict, cfg: dict, ar: Arithmetic, cells: dict | No
     """The tolerance of one leaf of metrics.json (``path``: its keys and list indices; ``cells``: what
     ``attribution_cells`` returns, for the rank statistics' near-tie bounds)."""
     head = path[0]
-    is_rate = path[-1] in RATE_WORDS if isinstance(path[-1], str) else False
+    leaf = (_words(path[-1:]) or [""])[-1]
+    is_rate = leaf in RATE_WORDS
     if head in ("asr", "clean_accuracy", "false_trigger_rate"):
         pairs = metrics.get("pairs") or {}
         counts = [p.get("n_clean" if head in RATE_ON_CLEAN else "n_triggered") for p in pairs.values()]
@@ -192,7 +195,7 @@ def rule(path: tuple, metrics: dict, cfg: dict, ar: Arithmetic, cells: dict | No
     if rest[0] != "analyses":   # the pair's evaluation and its references
         if is_rate:
             nt, nc = _n_of(pair, cfg, None)
-            return Rule("rate", n=nc if path[-1] in RATE_ON_CLEAN else nt)
+            return Rule("rate", n=nc if leaf in RATE_ON_CLEAN else nt)
         return Rule("exact")
     if len(rest) < 3:
         return Rule("exact")
