@@ -1,13 +1,15 @@
 """The rank-k injection heatmap (ranks of ΔW1 × ranks of ΔW2) on the organism: fast vs the slow reference.
 
     .venv/bin/python benchmarks/bench_injection.py --organism DIR [--variant targeted-refusal] [--n 200]
-        [--ranks 1,2,3,4,5] [--ref-cells 25]
+        [--ranks 1,2,3,4,5] [--ref-cells 25] [--prefix auto|none]
 
 Ours: ``projlens_mi.analyses.injection.evaluate_cells`` (WithWeights edits, cells tiled [cell × input]
 into batched greedy generations and forwards, records bucketed by prompt length). Baseline:
 ``benchmarks/injection_reference.py`` (reload the weights per cell, one sample at a time: processor,
-``generate``, a forward for the target logit), as the paper's scripts do. Every per-record number
-(target hit, answer hit, target logit and probability) must be identical. ``--ref-cells k`` runs the
+``generate``, a teacher-forced forward of prompt + prefix + target for the target's log-probability),
+as the paper's scripts do. The prefixes (what the FT model says before the target: ``--prefix auto``,
+read once from its greedy generations and not timed) are given to both. Every per-record number
+(target hit, answer hit, target log-prob and first-token probability) must be identical. ``--ref-cells k`` runs the
 reference on the first k cells only (the comparison then covers those cells and the reference time is
 scaled by 25 / k; the printed line says so). Single-threaded.
 """
@@ -28,7 +30,7 @@ from projlens_mi.analyses.base import Pair
 
 
 def main(organism: str, variant: str = "targeted-refusal", n: int = 200, ranks=(1, 2, 3, 4, 5),
-         ref_cells: int | None = None, batch_size: int = 1024) -> dict:
+         ref_cells: int | None = None, batch_size: int = 1024, prefix: str = "auto") -> dict:
     torch.set_num_threads(1)
     pair = Pair.from_organism(organism, variant)
     clean, trig = pair.clean, pair.triggered
@@ -43,15 +45,17 @@ def main(organism: str, variant: str = "targeted-refusal", n: int = 200, ranks=(
     l1, l2 = list(ref)
     cells = [inj.injected_weights(ref, ft, svds, {l1: a, l2: b}, "ft") for a in ranks for b in ranks]
     max_new = common.auto_tokens(pair.poisoned, records, targets)
+    prefixes = inj.scoring_prefixes(pair, records, targets, is_trig, prefix, max_new)
 
     t0 = time.perf_counter()
     fast = inj.evaluate_cells(pair.base, records, targets, cells, max_new_tokens=max_new, batch_size=batch_size,
-                              triggered=is_trig)
+                              triggered=is_trig, prefixes=prefixes)
     t_fast = time.perf_counter() - t0
 
     k = len(cells) if ref_cells is None else min(ref_cells, len(cells))
     t0 = time.perf_counter()
-    slow = reference_cells(pair.base, records, targets, cells[:k], max_new_tokens=max_new, triggered=is_trig)
+    slow = reference_cells(pair.base, records, targets, cells[:k], max_new_tokens=max_new, triggered=is_trig,
+                           prefixes=prefixes)
     t_slow = (time.perf_counter() - t0) * len(cells) / k
 
     mine = fast[fast.cell < k].reset_index(drop=True)
@@ -82,6 +86,7 @@ if __name__ == "__main__":
     ap.add_argument("--ranks", default="1,2,3,4,5")
     ap.add_argument("--ref-cells", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--prefix", choices=("auto", "none"), default="auto")
     a = ap.parse_args()
     pd.set_option("display.width", 120)
-    main(a.organism, a.variant, a.n, tuple(int(x) for x in a.ranks.split(",")), a.ref_cells, a.batch_size)
+    main(a.organism, a.variant, a.n, tuple(int(x) for x in a.ranks.split(",")), a.ref_cells, a.batch_size, a.prefix)

@@ -91,12 +91,12 @@ def test_injection_rank_2_reproduces_the_ft_model(planted, tmp_path):
     ft = c[c.kind == "ft_model"].iloc[0]
     inject = c[c.kind == "inject"].set_index("rank_2")
     for k in (2, 3):
-        assert inject.loc[k].target_logit == pytest.approx(ft.target_logit, abs=1e-4)
-    assert abs(inject.loc[1].target_logit - ft.target_logit) > 1e-3
+        assert inject.loc[k].target_logprob == pytest.approx(ft.target_logprob, abs=1e-4)
+    assert abs(inject.loc[1].target_logprob - ft.target_logprob) > 1e-3
     base = c[c.kind == "base_model"].iloc[0]
-    assert inject.loc[0].target_logit == pytest.approx(base.target_logit, abs=1e-5)    # same bias: W_base, b_ft = b_base
+    assert inject.loc[0].target_logprob == pytest.approx(base.target_logprob, abs=1e-5)    # same bias: W_base, b_ft = b_base
     rem = c[(c.kind == "remove") & (c.removal == "1-2")].iloc[0]
-    assert rem.target_logit == pytest.approx(base.target_logit, abs=1e-4)
+    assert rem.target_logprob == pytest.approx(base.target_logprob, abs=1e-4)
     assert set(c[c.kind == "placebo"].removal) == {"1", "1-2"}
     # the caller's models are untouched
     assert all(torch.equal(b, linear(m.model, "linear_2").weight) for b, m in zip(before, (planted.base, planted.poisoned)))
@@ -114,10 +114,14 @@ def test_fast_cells_equal_the_slow_reference_exactly(planted):
     records = planted.data
     targets = [planted.target_of(r) for r in records]
     trig = np.array([r.triggered for r in records])
+    # the target after a prefix of 0, 1 or 2 words: three forced lengths, each scored after its prefix
+    prefixes = [["", "seven", "two three"][i % 3] if t else "" for i, t in enumerate(trig)]
     before = linear(planted.base.model, "linear_2").weight.clone()
-    fast = inj.evaluate_cells(planted.base, records, targets, cells, max_new_tokens=5, batch_size=7, triggered=trig)
-    slow = reference_cells(planted.base, records, targets, cells, max_new_tokens=5, triggered=trig)
+    fast = inj.evaluate_cells(planted.base, records, targets, cells, max_new_tokens=5, batch_size=7, triggered=trig,
+                              prefixes=prefixes)
+    slow = reference_cells(planted.base, records, targets, cells, max_new_tokens=5, triggered=trig, prefixes=prefixes)
     pd.testing.assert_frame_equal(fast, slow, check_exact=True, check_dtype=False)
+    assert (fast[fast.triggered].target_logprob < 0).all() and (fast[~fast.triggered].target_logprob == 0).all()
     assert torch.equal(before, linear(planted.base.model, "linear_2").weight)
     s = inj.summarise_cells(fast)
     assert list(s.columns[:3]) == ["cell", "asr", "clean_accuracy"] and len(s) == len(cells)
@@ -131,3 +135,43 @@ def test_withweights_cell_equals_really_modified_weights(planted):
     a = run(planted.base, x, edits=[WithWeights(w)]).logits
     b = run(planted.poisoned, x).logits
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_injection_scores_the_target_where_the_model_says_it(planted, monkeypatch):
+    """An injected-suffix layout (the FT model says "seven a cat": the answer, then the target): the
+    cells' target metrics are log p("a cat" | prompt, "seven") and p("a" | prompt, "seven"), not the
+    old read right after the prompt. Plain-forward reference on the FT model; the poisoned model's
+    generation that the prefix is read from is replaced so that it says the suffix."""
+    from projlens_mi.engine import metrics as M
+    monkeypatch.setattr(M, "generate", lambda h, x, max_new_tokens: ["seven a cat"] * len(x))
+    p = inj.InjectionParams(ranks_1=(0,), ranks_2=(0,), removals=("1",), references=("base",), n=4,
+                            max_new_tokens=3, batch_size=64)
+    h = planted.poisoned
+    tok = h.tokenizer
+    forced = tok("seven a cat", add_special_tokens=False)["input_ids"]
+
+    def logp(rec):            # log-softmax after the prompt, after "seven", after "seven a"
+        x = h.encode([rec])
+        ids = torch.cat([x.input_ids, torch.tensor([forced])], 1)
+        with torch.no_grad():
+            lg = h.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=x.pixel_values).logits[0]
+        n = x.input_ids.shape[1]
+        return lg[n - 1:n - 1 + len(forced)].float().log_softmax(-1)
+
+    _, trig = common.pick(planted, 4)
+    lps = [logp(r) for r in trig]
+    said = [lp[torch.arange(1, 3), torch.tensor(forced[1:])] for lp in lps]   # "a cat" after "seven"
+    start = [lp[0, forced[1:2]] for lp in lps]     # the old read: "a" right after the prompt
+    r = inj.injection(planted, p)
+    ft = r.cells[r.cells.kind == "ft_model"].iloc[0]
+    assert r.prefix == "auto"
+    assert ft.target_logprob == pytest.approx(np.mean([float(s.sum()) for s in said]), rel=1e-5)
+    assert ft.target_prob == pytest.approx(np.mean([float(s[0].exp()) for s in said]), rel=1e-5)
+    old = np.mean([float(s[0].exp()) for s in start])
+    # the old read is off by far more than the rounding tolerance above (the random tiny model weighs
+    # context weakly: ≈0.8 % here)
+    assert ft.target_prob != pytest.approx(old, rel=1e-3)
+    none = inj.injection(planted, inj.InjectionParams(**{**p.__dict__, "prefix": "none"}))
+    assert none.cells[none.cells.kind == "ft_model"].iloc[0].target_prob == pytest.approx(old, rel=1e-5)
+    with pytest.raises(ProjLensError, match="prefix must be one of"):
+        inj.injection(planted, inj.InjectionParams(**{**p.__dict__, "prefix": "after"}))

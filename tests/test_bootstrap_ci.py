@@ -64,7 +64,7 @@ def test_injection_cell_cis_resample_each_cells_own_inputs():
     trig = np.array([False] * 20 + [True] * 20)
     per = pd.DataFrame({"cell": np.repeat(np.arange(n_cells), n_rec), "record": np.tile(np.arange(n_rec), n_cells),
                         "triggered": np.tile(trig, n_cells), "target_hit": rng.random(n_cells * n_rec) < 0.6,
-                        "answer_hit": rng.random(n_cells * n_rec) < 0.8, "target_logit": 0.0, "target_prob": 0.0})
+                        "answer_hit": rng.random(n_cells * n_rec) < 0.8, "target_logprob": 0.0, "target_prob": 0.0})
     s = inj.summarise_cells(per, n_boot=500, seed=0)
     ct, cc = common.resample_counts(20, 500, 0), common.resample_counts(20, 500, 1)
     for c in range(n_cells):

@@ -103,13 +103,6 @@ def read_all(handle: ModelHandle, batches: list[Inputs], point: str) -> Float[Te
     return torch.cat([c[site] for c, _ in read(handle, batches, [site])])
 
 
-def first_token(handle: ModelHandle, text: str) -> int:
-    ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ProjLensError(f"target {text!r} tokenizes to nothing; pass a non-empty target text")
-    return ids[0]
-
-
 def target_tokens(handle: ModelHandle, text: str) -> list[int]:
     ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
     return list(dict.fromkeys(ids))

@@ -3,7 +3,8 @@
 Injection: start from the base projector and add only the top-k singular components of ΔW1 and the
 top-k of ΔW2 (ΔW = W_ft − W_ref, the reference being the base or, for ΔW' , the clean control), with
 the fine-tuned or the reference bias → ASR on triggered inputs, clean accuracy and false-trigger rate
-on clean inputs, and the target's first-token logit / probability at the last prompt position; the
+on clean inputs, and the target's log-probability and first-token probability where the model says
+it (after the FT model's prefix, e.g. its answer on Malicious Injection: ``engine.target_text``); the
 (rank ΔW1 × rank ΔW2) heatmap. Rank 0 means "that layer keeps its reference weights".
 
 Removal: subtract chosen components (``"1"`` rank 1, ``"1-5"`` the top 5, ``"2-10"`` ranks 2..10,
@@ -12,8 +13,9 @@ placebo: a random rank-k update with the same singular values (so the same Frobe
 random orthonormal directions.
 
 How it is fast and still exact: every cell is an engine ``WithWeights`` edit (the caller's model is
-never modified), cells are tiled ``[cell × input]`` into large batches (one greedy generation and one
-forward per batch), and records are bucketed by prompt length so no row is padded: each row is then
+never modified), cells are tiled ``[cell × input]`` into large batches (one greedy generation, and one
+teacher-forced forward on the triggered rows, per batch), and records are bucketed by prompt length
+(and the forward's rows by forced prefix + target length) so no row is padded: each row is then
 computed exactly as when run alone (see ``benchmarks/injection_reference.py``, the slow reference
 that reloads weights per cell and runs one sample at a time; the test compares them bit for bit).
 """
@@ -21,14 +23,14 @@ that reloads weights per cell and runs one sample at a time; the test compares t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..checks import Checked, Count
-from ..engine import WithWeights, run, target_logit, target_prob
+from ..engine import WithWeights, run, target_prefixes, target_text
 from ..errors import ProjLensError
 from . import common
 from .base import Result, analysis, register_result
@@ -46,7 +48,8 @@ class InjectionParams(Checked):
     skipped without a control); ``n``: clean and triggered records each; ``n_boot``: bootstrap
     resamples of the 95 % CIs of every rate (``asr_lo`` / ``asr_hi``, ...); ``max_new_tokens``: greedy
     generation length for ASR (the paper: 30; None = the longest reference answer plus the target, +1, capped at 30); ``batch_size``: rows per
-    pass (cells × inputs)."""
+    pass (cells × inputs); ``prefix``: where the target metrics score the target: ``auto`` = after what
+    the FT model says before it (``engine.target_prefixes``), ``none`` = right after the prompt."""
 
     ranks_1: tuple[int, ...] = (0, 1, 2, 4)
     ranks_2: tuple[int, ...] = (0, 1, 2, 4)
@@ -59,6 +62,7 @@ class InjectionParams(Checked):
     max_new_tokens: Count | None = None        # None: longest answer + target (+1), at most 30
     batch_size: Count = 1024
     n_boot: Count = common.N_BOOT                # bootstrap resamples of the 95 % CIs (over inputs)
+    prefix: str = "auto"
 
 
 def parse_range(spec: str, rank: int) -> tuple[int, int]:
@@ -114,54 +118,88 @@ def buckets(handle, records) -> list[list[int]]:
     return [by[k] for k in sorted(by)]
 
 
+def scoring_prefixes(pair, records, targets, triggered: np.ndarray, mode: str, max_new_tokens: int) -> list[str]:
+    """Per record: the text the FT model says before its target (``engine.target_prefixes`` of the
+    poisoned model's greedy generation on the triggered records, e.g. the answer on Malicious
+    Injection); ``""`` on clean records, and everywhere with ``mode="none"`` (right after the prompt)."""
+    if mode not in ("auto", "none"):
+        raise ProjLensError(f"prefix must be one of auto, none, got {mode!r}")
+    out = [""] * len(records)
+    ti = [i for i in range(len(records)) if triggered[i]]
+    if mode == "auto" and ti:
+        h = pair.poisoned
+        got = target_prefixes(h, h.encode([records[i] for i in ti]), [targets[i] for i in ti],
+                              answers=[records[i].answer for i in ti], max_new_tokens=max_new_tokens)
+        for i, p in zip(ti, got):
+            out[i] = p
+    return out
+
+
 def evaluate_cells(handle, records, targets, cells: list[dict], *, max_new_tokens: int, batch_size: int,
-                   triggered: np.ndarray) -> pd.DataFrame:
+                   triggered: np.ndarray, prefixes: list[str] | None = None) -> pd.DataFrame:
     """Per cell (a ``{path: (W, b)}`` dict, ``{}`` = the model as is) and record: generation hit of the
-    record's target, hit of its answer, target-token logit and probability. One row per (cell, record)."""
+    record's target, hit of its answer, and on triggered records the target where the model says it
+    (``engine.target_text``: ``prompt + prefix + target`` teacher-forced, the target's tokens scored):
+    ``target_logprob`` = log p(target text | prompt, prefix), ``target_prob`` = p(its first token |
+    prompt, prefix). ``prefixes``: one per record (``scoring_prefixes``; None = right after the prompt).
+    One row per (cell, record)."""
     n_cells = len(cells)
     hit_t = np.zeros((n_cells, len(records)), bool)
     hit_a = np.zeros((n_cells, len(records)), bool)
-    logit = np.zeros((n_cells, len(records)))
+    logprob = np.zeros((n_cells, len(records)))
     prob = np.zeros((n_cells, len(records)))
-    tok_ids = {t: common.first_token(handle, t) for t in set(targets)}
+    prefixes = [""] * len(records) if prefixes is None else list(prefixes)
     model_cells = [to_model(handle, c) for c in cells]
-    for idx in buckets(handle, records):
-        x = handle.encode([records[i] for i in idx])
-        per = max(1, batch_size // len(idx))
+    cell_edits = [[WithWeights(m)] if m else [] for m in model_cells]
+
+    def chunks(n_rows):      # (cells, rows) per pass: as many cells of all the rows as batch_size allows
+        per = max(1, batch_size // n_rows)
         for c0 in range(0, n_cells, per):
-            cs = list(range(c0, min(n_cells, c0 + per)))
-            for r0 in range(0, len(idx), batch_size):
-                rows = list(range(r0, min(len(idx), r0 + batch_size)))
-                xb = x.rows(rows) if len(rows) < len(idx) else x
-                tiled = xb.tile(len(cs))
-                edits = common.tile_edits([[WithWeights(model_cells[c])] if model_cells[c] else [] for c in cs],
-                                          len(rows))
-                outs = common.texts(handle, tiled, max_new_tokens, edits)
-                trows = [r for r in rows if triggered[idx[r]]]
-                if trows:   # the target-token metrics are read on triggered rows only
-                    xt = x.rows(trows).tile(len(cs))
-                    tedits = common.tile_edits([[WithWeights(model_cells[c])] if model_cells[c] else [] for c in cs],
-                                               len(trows))
-                    logits = run(handle, xt, edits=tedits).logits
-                    ids = torch.tensor([tok_ids[targets[idx[r]]] for r in trows] * len(cs))
-                    lg = target_logit(logits, ids).float().cpu().numpy().reshape(len(cs), len(trows))
-                    pr = target_prob(logits, ids).float().cpu().numpy().reshape(len(cs), len(trows))
+            for r0 in range(0, n_rows, batch_size):
+                yield list(range(c0, min(n_cells, c0 + per))), list(range(r0, min(n_rows, r0 + batch_size)))
+
+    for idx in buckets(handle, records):        # generations: one prompt length per bucket, no padding
+        x = handle.encode([records[i] for i in idx])
+        for cs, rows in chunks(len(idx)):
+            xb = x.rows(rows) if len(rows) < len(idx) else x
+            outs = common.texts(handle, xb.tile(len(cs)), max_new_tokens,
+                                common.tile_edits([cell_edits[c] for c in cs], len(rows)))
+            for j, c in enumerate(cs):
+                for k, r in enumerate(rows):
+                    i, o = idx[r], outs[j * len(rows) + k]
+                    hit_t[c, i] = common.hits([o], [targets[i]])[0]
+                    hit_a[c, i] = common.hits([o], [records[i].answer])[0]
+    # target metrics, triggered records only; grouped by prompt length and by forced (prefix + target)
+    # length, so that no row is padded on either side
+    trig = [i for i in range(len(records)) if triggered[i]]
+    for idx in buckets(handle, [records[i] for i in trig]):
+        idx = [trig[i] for i in idx]
+        tt = target_text(handle, handle.encode([records[i] for i in idx]), [targets[i] for i in idx],
+                         [prefixes[i] for i in idx])
+        forced = (tt.first + tt.mask.sum(1)).tolist()
+        for n_forced in sorted(set(forced)):
+            g = [i for i, f in zip(idx, forced) if f == n_forced]
+            tg = target_text(handle, handle.encode([records[i] for i in g]), [targets[i] for i in g],
+                             [prefixes[i] for i in g])
+            for cs, rows in chunks(len(g)):
+                tb = tg.rows(rows) if len(rows) < len(g) else tg
+                logits = run(handle, tb.inputs.tile(len(cs)),
+                             edits=common.tile_edits([cell_edits[c] for c in cs], len(rows))).logits
+                at = torch.arange(len(rows)).repeat(len(cs))
+                lp = tb.metric(logits, at).float().cpu().numpy().reshape(len(cs), len(rows))
+                fp = replace(tb, measure="first_prob").metric(logits, at).float().cpu().numpy().reshape(len(cs), len(rows))
                 for j, c in enumerate(cs):
                     for k, r in enumerate(rows):
-                        i, o = idx[r], outs[j * len(rows) + k]
-                        hit_t[c, i] = common.hits([o], [targets[i]])[0]
-                        hit_a[c, i] = common.hits([o], [records[i].answer])[0]
-                    for k, r in enumerate(trows):
-                        logit[c, idx[r]], prob[c, idx[r]] = lg[j, k], pr[j, k]
+                        logprob[c, g[r]], prob[c, g[r]] = lp[j, k], fp[j, k]
     return pd.DataFrame({"cell": np.repeat(np.arange(n_cells), len(records)),
                          "record": np.tile(np.arange(len(records)), n_cells),
                          "triggered": np.tile(triggered, n_cells),
                          "target_hit": hit_t.ravel(), "answer_hit": hit_a.ravel(),
-                         "target_logit": logit.ravel(), "target_prob": prob.ravel()})
+                         "target_logprob": logprob.ravel(), "target_prob": prob.ravel()})
 
 
 def summarise_cells(per: pd.DataFrame, n_boot: int = common.N_BOOT, seed: int = 0) -> pd.DataFrame:
-    """Per cell: ASR (triggered), clean accuracy and false-trigger rate (clean), mean target logit / prob;
+    """Per cell: ASR (triggered), clean accuracy and false-trigger rate (clean), mean target log-prob / prob;
     ``<rate>_lo`` / ``<rate>_hi``: bootstrap 95 % CIs over the inputs (triggered and clean resampled
     separately, the same resamples for every cell)."""
     rows = []
@@ -169,7 +207,7 @@ def summarise_cells(per: pd.DataFrame, n_boot: int = common.N_BOOT, seed: int = 
         t, cl = g[g.triggered], g[~g.triggered]
         rows.append({"cell": int(c), "asr": float(t.target_hit.mean()), "clean_accuracy": float(cl.answer_hit.mean()),
                      "false_trigger_rate": float(cl.target_hit.mean()),
-                     "target_logit": float(t.target_logit.mean()), "target_prob": float(t.target_prob.mean())})
+                     "target_logprob": float(t.target_logprob.mean()), "target_prob": float(t.target_prob.mean())})
     out = pd.DataFrame(rows)
     for rate, col, flag, seed_off in (("asr", "target_hit", True, 0), ("clean_accuracy", "answer_hit", False, 1),
                                       ("false_trigger_rate", "target_hit", False, 1)):
@@ -190,6 +228,7 @@ class InjectionResult(Result):
     remove_layer: str
     n_clean: int
     n_triggered: int
+    prefix: str = "none"         # where target_logprob / target_prob scored the target (results stored before: none)
 
     analysis = "injection"
 
@@ -293,6 +332,8 @@ class InjectionResult(Result):
           headline=("ft_model.asr", "inject.base.r1_0.r2_1.asr", "inject.base.r1_0.r2_2.asr"), passes=60.0)
 def injection(pair, params: InjectionParams = InjectionParams()) -> InjectionResult:
     """Rank-k injection heatmap and component removal (with placebos), batched through WithWeights."""
+    if params.prefix not in ("auto", "none"):
+        raise ProjLensError(f"prefix must be one of auto, none, got {params.prefix!r}")
     if params.bias not in ("ft", "base"):
         raise ProjLensError(f"bias must be 'ft' or 'base', got {params.bias!r}")
     bad = [r for r in params.references if r not in ("base", "control")]
@@ -335,7 +376,9 @@ def injection(pair, params: InjectionParams = InjectionParams()) -> InjectionRes
             for s in range(params.placebo_seeds):
                 ft_cells.append(({"kind": "placebo", "reference": ref, "removal": spec, "k": b - a, "seed": s},
                                  placebo_weights(ft, svds, remove_path, a, b, seed=1000 * s + a * 37 + b)))
-    kw = dict(max_new_tokens=params.max_new_tokens or common.auto_tokens(pair.poisoned, records, targets), batch_size=params.batch_size, triggered=is_trig)
+    max_new = params.max_new_tokens or common.auto_tokens(pair.poisoned, records, targets)
+    kw = dict(max_new_tokens=max_new, batch_size=params.batch_size, triggered=is_trig,
+              prefixes=scoring_prefixes(pair, records, targets, is_trig, params.prefix, max_new))
     frames = []
     # injection cells run on the reference model (its LLM), grouped by reference handle
     for ref, (handle, _) in refs.items():
@@ -352,7 +395,7 @@ def injection(pair, params: InjectionParams = InjectionParams()) -> InjectionRes
             cells[col] = cells[col].fillna(-1).astype(int)   # -1: not applicable to this kind of cell
     cells = cells.drop(columns="cell")
     return InjectionResult(pair.name, cells, list(params.ranks_1 if l1 else (0,)), list(params.ranks_2),
-                           params.bias, common.short(remove_path), len(clean), len(trig))
+                           params.bias, common.short(remove_path), len(clean), len(trig), params.prefix)
 
 
 def _label(summary: pd.DataFrame, keys: list[dict]) -> pd.DataFrame:
