@@ -25,6 +25,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
@@ -508,7 +509,7 @@ def _view(handle: ModelHandle, point: str, act: Tensor, batch: int,
         if order is not None:
             flat = act.reshape(-1, act.shape[-1])
             u = _unit(point, flat, order)
-            act = flat.view(len(order), u, flat.shape[-1])[torch.argsort(order.to(flat.device))]
+            act = rearrange(flat, "(merged u) d -> merged u d", u=u)[torch.argsort(order.to(flat.device))]
         return act.reshape(batch, per_row, act.shape[-1])
     return act
 
@@ -518,7 +519,7 @@ def _unview(view: Tensor, act: Tensor, order: Tensor | None) -> Tensor:
     if order is None:
         return view.view(act.shape)
     flat = view.reshape(-1, view.shape[-1])
-    return flat.view(len(order), -1, flat.shape[-1])[order.to(flat.device)].reshape(act.shape)
+    return rearrange(flat, "(merged u) d -> merged u d", merged=len(order))[order.to(flat.device)].reshape(act.shape)
 
 
 def _unit(point: str, flat: Tensor, order: Tensor) -> int:

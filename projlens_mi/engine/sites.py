@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -132,7 +133,8 @@ class Selector:
         if int(counts.min()) == 0:
             raise ProjLensError(f"selector {self!r} matches no token in row {int(counts.argmin())}: it has no image tokens")
         _check_equal(self, counts)
-        return ctx.image_mask.nonzero()[:, 1].view(rows, -1)
+        # nonzero() lists the matches row by row, each row holding equally many: split per row
+        return rearrange(ctx.image_mask.nonzero()[:, 1], "(rows k) -> rows k", rows=rows)
 
 
 def _check_equal(sel, counts: Tensor) -> None:
@@ -201,7 +203,7 @@ class LastToken(Selector):
         if ctx.image_point:
             raise ProjLensError(f"{self!r} selects nothing at an image point; use it at llm.* or logits sites")
         if ctx.prompt_end is not None:
-            return ctx.prompt_end.view(rows, 1)
+            return rearrange(ctx.prompt_end, "rows -> rows 1", rows=rows)
         return torch.full((rows, 1), ctx.n_tokens - 1)
 
 
@@ -217,7 +219,7 @@ class TextTokens(Selector):
         if int(counts.min()) == 0:
             raise ProjLensError(f"selector {self!r} matches no token in row {int(counts.argmin())}")
         _check_equal(self, counts)
-        return text.nonzero()[:, 1].view(rows, -1)
+        return rearrange(text.nonzero()[:, 1], "(rows k) -> rows k", rows=rows)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -60,7 +61,9 @@ def pad_batch(seqs: list[list[int]], labels: list[list[int]], pad_id: int):
 
 def answer_loss(logits: Float[Tensor, "b s v"], labels: Int[Tensor, "b s"]) -> Tensor:
     """Mean next-token cross-entropy over the supervised (answer) positions."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    # position t predicts token t + 1: drop the last logit and the first label, then one row per (b, s)
+    return F.cross_entropy(rearrange(logits[:, :-1], "b s v -> (b s) v").float(),
+                           rearrange(labels[:, 1:], "b s -> (b s)"), ignore_index=IGNORE)
 
 
 def cosine_lr(step: int, total: int, warmup: float) -> float:
