@@ -1,17 +1,19 @@
 """The rank-k injection heatmap (ranks of ΔW1 × ranks of ΔW2) on the organism: fast vs the slow reference.
 
     .venv/bin/python benchmarks/bench_injection.py --organism DIR [--variant targeted-refusal] [--n 200]
-        [--ranks 1,2,3,4,5] [--ref-cells 25] [--prefix auto|none]
+        [--ranks 1,2,3,4,5] [--prefix auto|none]
 
 Ours: ``projlens_mi.analyses.injection.evaluate_cells`` (WithWeights edits, cells tiled [cell × input]
 into batched greedy generations and forwards, records bucketed by prompt length). Baseline:
 ``benchmarks/injection_reference.py`` (reload the weights per cell, one sample at a time: processor,
 ``generate``, a teacher-forced forward of prompt + prefix + target for the target's log-probability),
 as the paper's scripts do. The prefixes (what the FT model says before the target: ``--prefix auto``,
-read once from its greedy generations and not timed) are given to both. Every per-record number
-(target hit, answer hit, target log-prob and first-token probability) must be identical. ``--ref-cells k`` runs the
-reference on the first k cells only (the comparison then covers those cells and the reference time is
-scaled by 25 / k; the printed line says so). Single-threaded.
+read once from its greedy generations and not timed) are given to both. Both run every cell once (the
+reference is measured, not extrapolated). Per record, the target and answer hits must agree and the
+target log-prob / first-token probability must agree up to float32 rounding (16 steps of the largest
+|logit| times the target's length, ``common.assert_tables_close``: one sample at a time and a packed
+batch are different shapes, docs/reproducibility.md); whether they are also bit-identical is printed.
+Single-threaded.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common import assert_tables_close
 from injection_reference import reference_cells
 from projlens_mi.analyses import common
 from projlens_mi.analyses import injection as inj
 from projlens_mi.analyses.base import Pair
+from projlens_mi.engine import run
 
 
 def main(organism: str, variant: str = "targeted-refusal", n: int = 200, ranks=(1, 2, 3, 4, 5),
-         ref_cells: int | None = None, batch_size: int = 1024, prefix: str = "auto") -> dict:
+         batch_size: int = 1024, prefix: str = "auto") -> dict:
     torch.set_num_threads(1)
     pair = Pair.from_organism(organism, variant)
     clean, trig = pair.clean, pair.triggered
@@ -52,29 +56,37 @@ def main(organism: str, variant: str = "targeted-refusal", n: int = 200, ranks=(
                               triggered=is_trig, prefixes=prefixes)
     t_fast = time.perf_counter() - t0
 
-    k = len(cells) if ref_cells is None else min(ref_cells, len(cells))
     t0 = time.perf_counter()
-    slow = reference_cells(pair.base, records, targets, cells[:k], max_new_tokens=max_new, triggered=is_trig,
+    slow = reference_cells(pair.base, records, targets, cells, max_new_tokens=max_new, triggered=is_trig,
                            prefixes=prefixes)
-    t_slow = (time.perf_counter() - t0) * len(cells) / k
+    t_slow = time.perf_counter() - t0
 
-    mine = fast[fast.cell < k].reset_index(drop=True)
-    same = mine.equals(slow.astype(mine.dtypes.to_dict()))
-    diff = {c: int((mine[c] != slow[c]).sum()) for c in mine.columns}
+    slow = slow.astype(fast.dtypes.to_dict())
+    same = fast.equals(slow)
+    diff = {c: int((fast[c] != slow[c]).sum()) for c in fast.columns}
+    flips = {c: diff[c] for c in ("target_hit", "answer_hit")}
+    assert not any(flips.values()), f"generations differ between the fast path and the reference: {flips}"
+    # rounding of a log-prob summed over the target's tokens scales with the logits' magnitude x its length
+    logits = run(pair.base, pair.base.encode(records[:64])).logits
+    length = max(len(pair.base.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in set(targets))
+    scale = float(logits.abs().max()) * length
+    close = {c: assert_tables_close(torch.tensor(fast[c].to_numpy()), torch.tensor(slow[c].to_numpy()), scale,
+                                    what=c) for c in ("target_logprob", "target_prob")}
     heat = inj.summarise_cells(fast)
     heat["rank_1"] = [a for a in ranks for _ in ranks]
     heat["rank_2"] = [b for _ in ranks for b in ranks]
     table = heat.pivot(index="rank_1", columns="rank_2", values="asr")
     out = {"cells": len(cells), "inputs": len(records), "max_new_tokens": max_new, "fast_s": t_fast,
-           "reference_s": t_slow, "reference_cells_run": k, "speedup": t_slow / t_fast, "identical": same,
-           "mismatches": {c: v for c, v in diff.items() if v}}
+           "reference_s": t_slow, "speedup": t_slow / t_fast, "identical": same,
+           "mismatches": {c: v for c, v in diff.items() if v},
+           "max_abs_diff": {c: v["max_abs_diff"] for c, v in close.items()}, "tolerance": close["target_logprob"]["tolerance"]}
     print(f"organism {organism} ({variant}), {len(cells)} cells x {len(records)} inputs "
           f"({n} clean + {n} triggered), max_new_tokens {max_new}")
     print("ASR heatmap (rows: rank of ΔW1, columns: rank of ΔW2):")
     print((table * 100).round(1).to_string())
-    scaled = "" if k == len(cells) else f" (reference ran {k} of {len(cells)} cells; time scaled)"
-    print(f"fast {t_fast:.1f} s, reference {t_slow:.1f} s{scaled}: {t_slow / t_fast:.1f}x; "
-          f"per-record numbers identical: {same}")
+    print(f"fast {t_fast:.1f} s, reference {t_slow:.1f} s (all {len(cells)} cells, each once): {t_slow / t_fast:.1f}x; "
+          f"hits equal, log-probs within {close['target_logprob']['tolerance']:.2g} (max diff "
+          f"{close['target_logprob']['max_abs_diff']:.2g}); per-record numbers bit-identical: {same}")
     return out
 
 
@@ -84,9 +96,8 @@ if __name__ == "__main__":
     ap.add_argument("--variant", default="targeted-refusal")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--ranks", default="1,2,3,4,5")
-    ap.add_argument("--ref-cells", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--prefix", choices=("auto", "none"), default="auto")
     a = ap.parse_args()
     pd.set_option("display.width", 120)
-    main(a.organism, a.variant, a.n, tuple(int(x) for x in a.ranks.split(",")), a.ref_cells, a.batch_size, a.prefix)
+    main(a.organism, a.variant, a.n, tuple(int(x) for x in a.ranks.split(",")), a.batch_size, a.prefix)

@@ -1,5 +1,6 @@
 """Overhead of instrumentation on an offloaded model (issue 6): a trace reading 3 sites vs the plain
-offloaded forward, on an organism-sized random-weight LLaVA (batch 32), CPU only.
+offloaded forward, on a random-weight LLaVA of the organism's widths with 36 image tokens (batch 32),
+CPU only.
 
     .venv/bin/python benchmarks/bench_offload.py [--repeats 30] [--batch 32] [--append BENCHMARKS.md]
 
@@ -40,8 +41,10 @@ PROMPT = "USER: <image> what digit is shown ? ASSISTANT:"
 
 
 def organism_sized(folder: Path):
-    """Random-weight LLaVA with the organism's sizes (organism/config.py ModelSize): 24 px images,
-    patch 4 (36 image tokens), CLIP 64 x 2 layers, Llama 64 x 4 layers, saved with save_pretrained."""
+    """Random-weight LLaVA of the sizes the organism had when the figures in BENCHMARKS.md were taken:
+    24 px images, patch 4 (36 image tokens), CLIP 64 x 2 layers, Llama 64 x 4 layers, saved with
+    save_pretrained. (Today's organism, organism/config.py ModelSize, has 20 px images and patch 5:
+    16 image tokens; the widths and depths are the same.)"""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from projlens_mi.organism.processor import build_processor

@@ -55,6 +55,23 @@ def images(n: int, seed: int = 0, size: int = IMAGE) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+ULPS = 16   # rounding steps allowed between two correct code paths (docs/reproducibility.md, tests/numerics.py)
+
+
+def assert_tables_close(got: torch.Tensor, want: torch.Tensor, scale: float, dtype=torch.float32,
+                        what: str = "table") -> dict:
+    """Assert ``|got - want| <= ULPS * eps(dtype) * scale`` everywhere; ``scale``: the largest magnitude
+    the compared numbers are computed from (for a logit difference: the largest |logit|). Two paths
+    that sum in another order (packed rows, a reused KV prefix, another batch shape) agree only up to
+    rounding; bit-identity is reported, not required. Returns identical / max_abs_diff / tolerance."""
+    tol = ULPS * torch.finfo(dtype).eps * float(scale)
+    diff = float((got.double() - want.double()).abs().max())
+    if not diff <= tol:
+        raise AssertionError(f"{what}: the two tables differ by up to {diff:.3g}, more than {ULPS} rounding steps "
+                             f"of {dtype} at magnitude {scale:.3g} ({tol:.3g})")
+    return {"identical": bool(torch.equal(got, want)), "max_abs_diff": diff, "tolerance": tol}
+
+
 def median_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
     """Median wall time (ms) of each callable, interleaved round-robin so drifts hit all alike."""
     for _ in range(warmup):

@@ -5,7 +5,8 @@ parameters, then run one sample at a time (processor call, greedy ``generate``; 
 record one forward of the prompt followed by the tokens of ``prefix + target``, whose log-softmax at
 the target's own positions gives log p(target | prompt, prefix) and p(first target token | ...)). It never touches the engine or nnsight, and works on a private deep copy, so
 the caller's model is not modified. ``projlens_mi.analyses.injection.evaluate_cells`` must give the
-same per-record numbers (tests/test_analyses_injection.py, benchmarks/bench_injection.py).
+same per-record numbers (tests/test_analyses_weights.py::test_fast_cells_equal_the_slow_reference_exactly,
+benchmarks/bench_injection.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)  # stable on shared 2-CPU machines (see docs/stack-notes)
+torch.set_num_threads(1)  # stable on shared 2-CPU machines (BENCHMARKS.md, "How timings are taken")
 
 
 import pytest  # noqa: E402

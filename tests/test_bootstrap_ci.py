@@ -84,7 +84,7 @@ def test_neuron_profile_cis_equal_recomputing_the_streaming_statistics_per_resam
     trig = rng.normal(0.3, 1, (10, 5, 8))
     trig[:, :, 2] = np.abs(trig[:, :, 2]) + 1.0   # a unit that fires on triggered images
     clean[:, :, 2] = -0.5
-    sc, sp = NeuronStats(), NeuronStats()
+    sc, sp = NeuronStats(per_input=True), NeuronStats(per_input=True)
     sc.update(clean)
     sp.update(trig)
     ci = bootstrap(sc, sp, quiet=0.05, min_gain=0.2, n_boot=200, seed=9, chunk=64)

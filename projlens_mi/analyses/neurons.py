@@ -9,9 +9,9 @@ of the clean and of the triggered inputs, for the base and the fine-tuned model:
 * Pearson correlation of the clean and triggered profiles (M and F over units).
 
 The statistics are accumulated streaming (float64 sums per unit, batch by batch, records encoded
-lazily): no activation is kept, only two per-unit sums per input (activation and firing, for the
-bootstrap 95 % CIs, which resample images), so memory grows by 16 bytes × units per input, never with
-the tokens.
+lazily): no activation is kept. For the fine-tuned model the analysis also keeps two per-unit sums
+per input (activation and firing: what the bootstrap 95 % CIs resample), so its memory grows by
+16 bytes × units per input, never with the tokens (``benchmarks/bench_neurons.py`` measures the slope).
 
 Causal checks on the fine-tuned model, triggered inputs: a single-unit ablation scan (each unit zeroed
 at ``projector.hidden`` on every image token, through a one-column basis edit; the drop of the
@@ -65,10 +65,11 @@ class NeuronParams(Checked):
 class NeuronStats:
     """Streaming per-unit sums: mean activation, firing frequency (> 0), and variance."""
 
-    def __init__(self, units: int | None = None):
+    def __init__(self, units: int | None = None, per_input: bool = False):
         self.n = 0
         self.sum = self.sumsq = self.fire = None
-        self.images = []         # per input: (Σ activation [units], Σ firing [units], tokens), for the bootstrap
+        self.per_input = per_input
+        self.images = []         # per_input: (Σ activation [units], Σ firing [units], tokens) per input, for the bootstrap
         if units is not None:
             self._init(units)
 
@@ -88,7 +89,8 @@ class NeuronStats:
         self.sum += a.sum(0).numpy()
         self.sumsq += (a * a).sum(0).numpy()
         self.fire += (a > 0).sum(0).double().numpy()
-        self.images += [(x.sum(0).numpy(), (x > 0).sum(0).double().numpy(), x.shape[0]) for x in t]
+        if self.per_input:
+            self.images += [(x.sum(0).numpy(), (x > 0).sum(0).double().numpy(), x.shape[0]) for x in t]
 
     @property
     def mean(self) -> np.ndarray:
@@ -103,10 +105,11 @@ class NeuronStats:
         return np.sqrt(np.maximum(self.sumsq / max(1, self.n) - self.mean ** 2, 0.0))
 
 
-def stream_stats(handle, records, batch_size: int) -> NeuronStats:
-    """Per-unit statistics at ``projector.hidden`` over all image tokens of ``records`` (encoded lazily)."""
+def stream_stats(handle, records, batch_size: int, per_input: bool = False) -> NeuronStats:
+    """Per-unit statistics at ``projector.hidden`` over all image tokens of ``records`` (encoded lazily);
+    ``per_input`` also keeps each input's two per-unit sums (what the bootstrap resamples)."""
     site = Site("projector.hidden")
-    st = NeuronStats()
+    st = NeuronStats(per_input=per_input)
     for i in range(0, len(records), batch_size):
         x = handle.encode(records[i:i + batch_size])
         st.update(run(handle, x, read=[site]).cache[site])
@@ -276,7 +279,9 @@ def neurons(pair, params: NeuronParams = NeuronParams()) -> NeuronResult:
     clean, trig = common.pick(pair, params.n)
     frames, corr, ntok = [], {}, {}
     for model, handle in (("base", pair.base), ("ft", pair.poisoned)):
-        sc, sp = stream_stats(handle, clean, params.batch_size), stream_stats(handle, trig, params.batch_size)
+        keep = model == "ft"     # the CIs are of the FT model's statistics
+        sc = stream_stats(handle, clean, params.batch_size, keep)
+        sp = stream_stats(handle, trig, params.batch_size, keep)
         ntok[f"{model}/clean"], ntok[f"{model}/triggered"] = sc.n, sp.n
         f = scores(sc.mean, sp.mean, sc.freq, sp.freq, params.quiet, params.min_gain)
         f.insert(0, "model", model)

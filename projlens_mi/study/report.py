@@ -28,7 +28,7 @@ from ..errors import ProjLensError
 
 SCHEMA = "projlens_mi.study.metrics/1"
 
-# The authors' claim on behaviour (docs: ../shared/docs/projlens-method.md); each analysis's claim,
+# The authors' claim on behaviour (the ProjLens paper, arXiv 2604.19083); each analysis's claim,
 # title and headline metrics are given once, in its @analysis(...) registration.
 PAPER_EVALUATION = ("LLaVA-1.5-7B, projector-only poisoning: the authors report high ASR for all four variants "
                     "with clean behaviour preserved (ASR: target substring in a greedy 30-token generation).")
