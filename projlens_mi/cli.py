@@ -56,7 +56,9 @@ def _resumable(command):
             return command(*args, **kwargs)
         except KeyboardInterrupt:
             typer.echo(("\n" if sys.stderr.isatty() else "") + INTERRUPTED, err=True)
-            raise typer.Exit(130) from None
+            import gc
+            gc.freeze()   # the exit skips the collector's last passes over torch's objects: 0.7-1.5 s instead of
+            raise typer.Exit(130) from None   # 7-8 s at a load of 13 on 2 CPUs (atexit handlers still run)
     return wrapper
 
 
