@@ -100,9 +100,9 @@ def organism_build(
     seed: int = typer.Option(0, help="Seed for data, initialisation and training."),
     small: bool = typer.Option(False, "--small", help="A tiny fast configuration (for tests), not the default organism."),
     threads: int = typer.Option(1, help="torch CPU threads (part of the cache key: results are bit-reproducible per thread count)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="CPUs to use (default: CPUs / threads): stage 1 "
-                                          "on workers x threads threads, stage-2 models trained and evaluated in "
-                                          "that many processes; never changes the weights or the metrics."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes to use (default: CPUs / threads): the "
+                                          "stage-2 models are trained and evaluated in that many processes, each on "
+                                          "--threads threads; never changes the weights or the metrics."),
     quiet: bool = typer.Option(False, "--quiet", help="Print only the final table."),
     as_json: bool = typer.Option(False, "--json", help="Print organism.json instead of the table."),
 ):

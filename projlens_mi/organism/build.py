@@ -17,7 +17,6 @@ only stage 2.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import shutil
@@ -39,7 +38,9 @@ from .processor import IMAGE_TOKEN, build_processor
 from .train import IGNORE, TrainSet, draw_edits, edit_images, finetune_projector, pretrain_vision, train_base, vision_features
 from .triggers import GaussianNoise, LogoPatch, PainterlyStyle, SolidPatch, trigger_to_json
 
-FORMAT_VERSION = 1
+# 2: stage 1 and the vision features run on ``cfg.threads`` threads for any ``workers`` (version 1 ran them
+# on ``workers x threads``, which changed the weights' last bits on some CPUs: docs/reproducibility.md)
+FORMAT_VERSION = 2
 GOLDEN = 0.6180339887498949   # spreads a share over sample indices without drawing from the data RNG
 
 
@@ -244,10 +245,10 @@ class Builder:
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)
 
-    def base(self, threads: int = 1):
-        """Stage 0 (vision) then stage 1 (projector + LM). Stage 1 runs on ``threads`` torch threads: its
-        kernels give the same bits for any thread count (tested), as do forward passes; stage 0 stays
-        on ``cfg.threads``: LayerNorm's (and the head's) weight gradients are summed per thread (docs/architecture.md, traps)."""
+    def base(self):
+        """Stage 0 (vision) then stage 1 (projector + LM), both on ``cfg.threads`` torch threads: weight
+        gradients are summed per thread (LayerNorm's, biases', MKL's GEMMs on some CPUs), so another thread
+        count gives other bits (measured: docs/reproducibility.md)."""
         key = self.cfg.key("seed", "n_test", "model", "stage0", "stage1") + f"-v{FORMAT_VERSION}"
         hit = self.cached("base", key)
         if hit:
@@ -263,14 +264,13 @@ class Builder:
                              weight_decay=c0.weight_decay, warmup=c0.warmup, seed=self.cfg.seed, edit_rate=c0.edit_rate,
                              log=lambda s, l: self.log(f"vision: step {s} loss {l:.3f}"))
         t1 = time.perf_counter()
-        with _threads(max(threads, self.cfg.threads), self.cfg.threads):
-            if c1.edit_rate:   # the base learns that a generic edit leaves the answer unchanged
-                gen = torch.Generator().manual_seed(self.cfg.seed + 8)
-                pool = edit_images(pool, draw_edits(len(pool), c1.edit_rate, gen), gen)
-            data = self.stage1_set(model, pool, labels)
-            losses = train_base(model, data, steps=c1.steps, batch_size=c1.batch_size, lr=c1.lr, warmup=c1.warmup,
-                                weight_decay=c1.weight_decay, seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id,
-                                log=lambda s, l: self.log(f"base: step {s} loss {l:.3f}"))
+        if c1.edit_rate:   # the base learns that a generic edit leaves the answer unchanged
+            gen = torch.Generator().manual_seed(self.cfg.seed + 8)
+            pool = edit_images(pool, draw_edits(len(pool), c1.edit_rate, gen), gen)
+        data = self.stage1_set(model, pool, labels)
+        losses = train_base(model, data, steps=c1.steps, batch_size=c1.batch_size, lr=c1.lr, warmup=c1.warmup,
+                            weight_decay=c1.weight_decay, seed=self.cfg.seed, pad_id=self.processor.tokenizer.pad_token_id,
+                            log=lambda s, l: self.log(f"base: step {s} loss {l:.3f}"))
         meta = {"final_loss": float(np.mean(losses[-20:])), "vision_final_loss": float(np.mean(l0[-20:])),
                 "vision_seconds": t1 - t0, "train_seconds": time.perf_counter() - t0, "n_examples": len(data)}
         self.save("base", model, key, meta)
@@ -298,8 +298,7 @@ class Builder:
                 hits[name] = hit
         todo = [n for n in names if n not in hits]
         metrics, metas = {}, {}
-        with _threads(self.cfg.threads * (1 + len(helpers)), self.cfg.threads):   # the helpers idle until stage 2
-            jobs = self._jobs(base_model, names, todo) if todo else []
+        jobs = self._jobs(base_model, names, todo) if todo else []
         args = {name: (str(self.stage_dir("base")), str(self.staging_dir(name)), name, data, n_poison, self.cfg,
                        self.processor, ev) for name, data, n_poison, _ in jobs}
         extras = {name: extra for name, _, _, extra in jobs}
@@ -429,16 +428,6 @@ def _eval_cost(name: str, cfg: OrganismConfig, ev: EvalSet) -> float:
     return 0.5 * sum(len(e.records) * (e.batches[0]["input_ids"].shape[1] + cfg.max_new_tokens) for e in sets)
 
 
-@contextlib.contextmanager
-def _threads(n: int, after: int):
-    """torch CPU threads ``n`` inside the block, ``after`` once it is left (also on an error)."""
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(after)
-
-
 def _spawn_helpers(n: int) -> list:
     """``n`` single-process pools (spawned: a forked torch can deadlock), one per extra CPU; they die
     with this process and ignore Ctrl-C (``processes.WorkerPool``)."""
@@ -485,10 +474,11 @@ def export_data(out: Path, sets: dict[str, list[Record]]) -> None:
 def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, workers: int | None = 1) -> dict:
     """Build (or load from cache) the organism under ``out_dir`` and return the content of organism.json.
 
-    ``workers``: CPUs to use at ``cfg.threads`` threads each (``None``: all of them): stage 1 runs on
-    ``workers x cfg.threads`` threads, the test set is prepared and the stage-2 models are trained and
-    evaluated in ``workers`` processes (this one and spawned ones). It changes the wall time, never
-    the weights or the metrics. Helpers are spawned, so a script that passes ``workers`` > 1 needs
+    ``workers``: processes to use at ``cfg.threads`` threads each (``None``: one per ``cfg.threads`` CPUs):
+    the test set is prepared during stage 0 and the stage-2 models are trained and evaluated in
+    ``workers`` processes (this one and spawned ones). Every computation that makes weights runs on
+    ``cfg.threads`` threads in exactly one process, whichever, so ``workers`` changes the wall time,
+    never the weights or the metrics (on one machine: docs/reproducibility.md). Helpers are spawned, so a script that passes ``workers`` > 1 needs
     the ``if __name__ == "__main__":`` guard.
     """
     cfg = cfg or OrganismConfig()
@@ -519,7 +509,7 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, wor
             h.submit(_ready)
         b = Builder(out, cfg, log)
         t0 = time.perf_counter()
-        base_model, base_meta = b.base(threads=cfg.threads * workers)
+        base_model, base_meta = b.base()
         timings = {"base": time.perf_counter() - t0}
         t0 = time.perf_counter()
         ev = ev_future.result() if ev_future else prepare_eval(str(out), cfg)
