@@ -5,7 +5,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)  # stable on shared 2-CPU machines (BENCHMARKS.md, "How timings are taken")
+# One thread: stable on shared 2-CPU machines (BENCHMARKS.md, "How timings are taken").
+# PROJLENS_TEST_THREADS re-runs the suite at another thread count (.ci/run, docs/reproducibility.md).
+torch.set_num_threads(int(os.environ.get("PROJLENS_TEST_THREADS", "1")))
 
 
 import pytest  # noqa: E402

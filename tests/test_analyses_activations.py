@@ -6,12 +6,15 @@ import torch
 from matplotlib.figure import Figure
 
 from analyses_util import linear, make_pair
+from numerics import f32_tol
 from projlens_mi.analyses import common, load_result, save_result
 from projlens_mi.analyses.neurons import NeuronParams, NeuronStats, neurons, scores, stream_stats
 from projlens_mi.analyses.norm import NormParams, fit_from_stats, linear_fit, norm, suff_stats
 from projlens_mi.analyses.probe import ProbeParams, evaluate_probe, probe
 from projlens_mi.analyses.shift import ShiftParams, shift
 from projlens_mi.engine import Ablate, Site, WithWeights, run
+
+pytestmark = pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
 
 UNIT = 5
 
@@ -209,9 +212,11 @@ def test_norm_on_the_planted_shift(shift_pair, tmp_path):
     want = 0.5 * (hid.double() @ shift_pair.meta["w"].double()).numpy()
     np.testing.assert_allclose(np.abs(r.tokens["clean"]["y"]), np.abs(want), atol=1e-5)
     eb = common.read_all(shift_pair.base, [x], "projector.out")
-    np.testing.assert_allclose(r.tokens["clean"]["x"], eb.norm(dim=-1).numpy(), rtol=1e-6)
+    # the analysis reads in batches of 4, read_all in one: other shapes, so float32 rounding (tests/numerics.py)
+    np.testing.assert_allclose(r.tokens["clean"]["x"], eb.norm(dim=-1).numpy(), rtol=f32_tol(1.0), atol=0)
     vis = common.read_all(shift_pair.base, [x], "projector.in").norm(dim=-1).flatten().double()
-    assert r.vision_norm_cv == pytest.approx(float(vis.std() / vis.mean()), rel=1e-9)
+    cv = float(vis.std() / vis.mean())
+    assert abs(r.vision_norm_cv - cv) <= f32_tol(1.0 + cv)   # norms known to ULPS relative steps; a CV of them
     one = r.causal[r.causal.alpha == 1.0].iloc[0]
     assert one["shift"] == pytest.approx(float(r.tokens["clean"]["y"][:3].mean()), rel=1e-5)
     assert list(r.causal.alpha) == [0.5, 1.0, 2.0] and set(r.per_image.condition) == {"clean", "triggered"}

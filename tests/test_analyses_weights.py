@@ -11,6 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 from analyses_util import linear, make_pair, rank2
+from numerics import f32_tol
 from projlens_mi.analyses import injection as inj
 from projlens_mi.analyses import common, load_result, save_result
 from projlens_mi.analyses.spectrum import SpectrumParams, cumulative_energy, spectrum, spectrum_stats
@@ -19,6 +20,8 @@ from projlens_mi.errors import ProjLensError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from injection_reference import reference_cells  # noqa: E402
+
+pytestmark = pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
 
 
 def test_spectrum_stats_known_values():
@@ -57,7 +60,10 @@ def test_spectrum_finds_planted_rank_2(planted, tmp_path):
     save_result(r, tmp_path / "s.json")
     back = load_result(tmp_path / "s.json")
     assert back.summary() == r.summary() and isinstance(back.plot(), Figure)
-    assert "57–65 %" in r.summary() and back.metrics() == pytest.approx(r.metrics(), rel=1e-13)
+    # the summary reports the measured spectrum (the planted known answer: σ = 1, 0.5 → E(1) = 1 / 1.25)
+    line = next(x for x in r.summary().splitlines() if x.startswith("- linear_2 poisoned"))
+    assert "E(1) = 80 %, E(2) = 100 %" in line and "numerical rank 2," in line, line
+    assert back.metrics() == pytest.approx(r.metrics(), rel=1e-13)
 
 
 def test_injected_weights_rebuild_ft_at_full_rank(planted):
@@ -103,10 +109,17 @@ def test_injection_rank_2_reproduces_the_ft_model(planted, tmp_path):
     save_result(r, tmp_path / "i.json")
     back = load_result(tmp_path / "i.json")
     pd.testing.assert_frame_equal(back.heatmap(), r.heatmap(), check_dtype=False)
-    assert isinstance(back.plot(), Figure) and "85–93 %" in back.summary()
+    assert isinstance(back.plot(), Figure)
+    # the summary reports this run's cells (not the paper's constants)
+    h = back.heatmap("base")
+    assert f"- FT projector: ASR {ft.asr:.0%}, clean accuracy {ft.clean_accuracy:.0%}" in back.summary()
+    assert "ΔW2 alone: " + ", ".join(f"k={k}: {h.loc[0, k]:.0%}" for k in (1, 2, 3)) + "." in back.summary()
 
 
-def test_fast_cells_equal_the_slow_reference_exactly(planted):
+def test_fast_cells_equal_the_slow_reference(planted):
+    """The batched WithWeights cells against benchmarks/injection_reference.py (weights written into a
+    copy, one sample at a time): the same generations (hits), and the target's log-probability and probability
+    up to float32 rounding (other batch shapes: tests/numerics.py)."""
     ref, ft = common.weights(planted.base), common.weights(planted.poisoned)
     svds = {p: common.svd(ft[p][0] - ref[p][0]) for p in ref}
     l1, l2 = list(ref)
@@ -120,8 +133,15 @@ def test_fast_cells_equal_the_slow_reference_exactly(planted):
     fast = inj.evaluate_cells(planted.base, records, targets, cells, max_new_tokens=5, batch_size=7, triggered=trig,
                               prefixes=prefixes)
     slow = reference_cells(planted.base, records, targets, cells, max_new_tokens=5, triggered=trig, prefixes=prefixes)
-    pd.testing.assert_frame_equal(fast, slow, check_exact=True, check_dtype=False)
+    cont = ["target_logprob", "target_prob"]
+    pd.testing.assert_frame_equal(fast.drop(columns=cont), slow.drop(columns=cont), check_exact=True, check_dtype=False)
     assert (fast[fast.triggered].target_logprob < 0).all() and (fast[~fast.triggered].target_logprob == 0).all()
+    # a log-probability of up to 3 target tokens, each a log-softmax at magnitude <= 1 + |log p|
+    scale = 3 * (1.0 + slow.target_logprob.abs().max())
+    assert (fast.target_logprob - slow.target_logprob).abs().max() <= f32_tol(scale)
+    assert (fast.target_prob - slow.target_prob).abs().max() <= f32_tol(scale) * slow.target_prob.max()
+    sums = slow.groupby("cell").target_logprob.sum()
+    assert (sums.max() - sums.min()) > 1e3 * f32_tol(scale)   # the cells really differ: real numbers were compared
     assert torch.equal(before, linear(planted.base.model, "linear_2").weight)
     s = inj.summarise_cells(fast)
     assert list(s.columns[:3]) == ["cell", "asr", "clean_accuracy"] and len(s) == len(cells)

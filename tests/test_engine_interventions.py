@@ -18,6 +18,8 @@ from projlens_mi.errors import ProjLensError
 
 from tiny import PROMPT, tiny_images, tiny_llava
 
+pytestmark = pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
+
 B = 4
 
 

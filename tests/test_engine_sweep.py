@@ -1,4 +1,10 @@
-"""Sweeps equal their cells run one at a time, exactly, whatever the batch size."""
+"""Sweeps equal their cells run one at a time, whatever the batch size, up to float32 rounding.
+
+A sweep's pass holds other rows (other cells, other inputs) and, with prefix reuse, fewer positions
+than the one-cell run: other matrix shapes, which some CPU kernels round differently (measured:
+MKL's AVX2 path on an AVX-512 Xeon). So the comparison allows float32 rounding of the logits'
+magnitude (tests/numerics.py); on the CPUs measured with their default kernels the tables were
+equal bit for bit (docs/reproducibility.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +16,10 @@ from projlens_mi import Ablate, ImageWindow, LastToken, Noise, Patch, PatchSubsp
 from projlens_mi.engine import run_cell, sweep
 from projlens_mi.errors import ProjLensError
 
+from numerics import EPS32, f32_tol
 from tiny import PROMPT, tiny_images, tiny_llava
+
+pytestmark = pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
 
 N = 5
 
@@ -46,6 +55,19 @@ def metric(logits, index):
     return logits[:, -1, 7] - logits[:, -1, 9]
 
 
+def assert_close_values(got, want, scale, key=None):
+    """``got`` equals ``want`` up to float32 rounding of a value computed from logits of magnitude ``scale``."""
+    tol = f32_tol(scale)
+    assert (got - want).abs().max().item() <= tol, (key, (got - want).abs().max().item() / (EPS32 * scale), "rounding steps")
+
+
+@pytest.fixture(scope="module")
+def scale(setup):
+    """The magnitude of the logits the metrics are differences of (plus one: the edits move them)."""
+    handle, _, inputs, _ = setup
+    return 1.0 + run(handle, inputs).logits.abs().max().item()
+
+
 @pytest.fixture(scope="module")
 def reference(setup):
     handle, _, inputs, clean = setup
@@ -54,7 +76,7 @@ def reference(setup):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 5, 17, 400])
-def test_sweep_equals_cells_one_at_a_time_exactly(setup, reference, batch_size):
+def test_sweep_equals_cells_one_at_a_time(setup, reference, scale, batch_size):
     handle, _, inputs, _ = setup
     cells, refs = reference
     df = sweep(handle, inputs, cells, metric, batch_size=batch_size, progress=False)
@@ -62,20 +84,22 @@ def test_sweep_equals_cells_one_at_a_time_exactly(setup, reference, batch_size):
     for key, edits in cells.items():
         ref = refs[key]
         got = torch.tensor(df[df.cell == key].sort_values("input").value.to_numpy(), dtype=torch.float32)
-        assert torch.equal(got, ref), (key, (got - ref).abs().max())
-    assert df[df.cell == "none"].value.tolist() != df[df.cell == "proj"].value.tolist()
+        assert_close_values(got, ref, scale, key)
+    assert (torch.tensor(df[df.cell == "none"].value.to_numpy()) - torch.tensor(df[df.cell == "proj"].value.to_numpy())
+            ).abs().max() > 1e3 * f32_tol(scale)   # the cells really differ
 
 
-def test_reuse_off_gives_the_same_table(setup):
+def test_reuse_off_gives_the_same_table(setup, scale):
     handle, _, inputs, clean = setup
     cells = cells_for(handle, clean)
     a = sweep(handle, inputs, cells, metric, batch_size=8, progress=False)
     for reuse in (False, "layers"):
         b = sweep(handle, inputs, cells, metric, batch_size=8, progress=False, reuse=reuse)
-        pd.testing.assert_frame_equal(a, b, check_exact=True)
+        pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"), check_exact=True)
+        assert_close_values(torch.tensor(b.value.to_numpy()), torch.tensor(a.value.to_numpy()), scale, reuse)
 
 
-def test_dict_keys_become_columns_and_cross_row_cells(setup):
+def test_dict_keys_become_columns_and_cross_row_cells(setup, scale):
     handle, _, inputs, _ = setup
     cells = [({"kind": "mean", "layer": 1}, [(Site("llm.1.resid_post", LastToken()), Ablate("mean"))]),
              ({"kind": "noise", "layer": 0}, [(Site("projector.out"), Noise(0.3, seed=1))]),
@@ -85,7 +109,7 @@ def test_dict_keys_become_columns_and_cross_row_cells(setup):
     for key, edits in cells:
         ref = run_cell(handle, inputs, edits, metric)
         got = torch.tensor(df[df.kind == key["kind"]].value.to_numpy(), dtype=torch.float32)
-        assert torch.equal(got, ref)
+        assert_close_values(got, ref, scale, key)
     with pytest.raises(ProjLensError, match="cross-row edit .* use batch_size >= 5"):
         sweep(handle, inputs, cells, metric, batch_size=2, progress=False)
 
@@ -117,18 +141,19 @@ def test_sweep_on_other_families_equals_cells(name):
              "l1": [(Site("llm.1.resid_pre", LastToken()), Ablate("zero"))],
              "none": []}
     df = sweep(handle, inputs, cells, metric, batch_size=3, progress=False)
+    scale = 1.0 + run(handle, inputs).logits.abs().max().item()
     for key, edits in cells.items():
         got = torch.tensor(df[df.cell == key].value.to_numpy(), dtype=torch.float32)
-        assert torch.equal(got, run_cell(handle, inputs, edits, metric)), key
+        assert_close_values(got, run_cell(handle, inputs, edits, metric), scale, key)
     assert not torch.equal(torch.tensor(df[df.cell == "proj"].value.to_numpy()),
                            torch.tensor(df[df.cell == "none"].value.to_numpy()))
 
 
-def test_prefix_reuse_is_exact_at_every_position(setup, monkeypatch):
+def test_prefix_reuse_at_every_position(setup, scale, monkeypatch):
     """Every (layer x token) cell, image tokens and text tokens alike, in left-padded rows: the passes
     that recompute only the positions after the first edited token (keys/values of the earlier ones
-    from the unedited run's cache) equal the full one-cell-at-a-time forwards bit for bit, also for
-    a metric that reads every position; and the prefix reuse really ran."""
+    from the unedited run's cache) equal the full one-cell-at-a-time forwards up to float32 rounding,
+    also for a metric that reads every position; and the prefix reuse really ran."""
     import importlib
 
     from projlens_mi import Indices
@@ -155,39 +180,38 @@ def test_prefix_reuse_is_exact_at_every_position(setup, monkeypatch):
     for key, edits in cells.items():
         got = torch.tensor(df[df.cell == key].sort_values("input").value.to_numpy(), dtype=torch.float32)
         want = run_cell(handle, inputs, edits, every_position)
-        assert torch.equal(got, want), (key, (got - want).abs().max())
+        assert_close_values(got, want, 3 * seq * scale, key)   # a sum over seq positions of terms up to 3 × scale
 
 
-def test_exact_start_rule_matches_the_cpu_attention_kernel():
-    """The assumption prefix reuse rests on, checked on the kernel itself: for every start the rule
-    allows, attention over the later queries gives the full causal attention's rows bit for bit
-    (with is_causal and with an explicit mask), across sequence lengths that cross the kernel's
-    32/64-row query blocks; some starts it refuses do change the last bits (the rule is needed);
-    a 71-token sequence loses only the 6 starts that leave a 1-3 query block."""
+def test_exact_start_rule_and_the_cpu_attention_kernel():
+    """The rule prefix reuse follows: a 71-token sequence loses only the 6 starts that leave a 1-3
+    query block in torch's CPU flash attention (32/64-row query blocks). On the kernel itself, for
+    every start the rule allows, attention over the later queries gives the full causal attention's
+    rows up to float32 rounding (with is_causal and with an explicit mask), across sequence lengths
+    that cross the blocks. Whether they are also equal bit for bit depends on the kernels (with
+    torch 2.13's default kernels on the CPUs measured they were; with MKL_ENABLE_INSTRUCTIONS=AVX2 on
+    an AVX-512 Xeon they were not): docs/reproducibility.md."""
     import importlib
 
     import torch.nn.functional as F
     exact_start = importlib.import_module("projlens_mi.engine.sweep")._exact_start
+    assert [s for s in range(63) if exact_start(s, 71) != s] == [4, 5, 6, 36, 37, 38]
     g = torch.Generator().manual_seed(0)
-    inexact_refused = 0
     for seq in [9, 31, 32, 33, 35, 36, 63, 65, 66, 67, 68, 71, 96, 97, 130, 193, 196]:
         q, k, v = (torch.randn(2, 2, seq, 32, generator=g) for _ in range(3))
         mask = torch.ones(seq, seq, dtype=torch.bool).tril()
         full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        assert torch.equal(full, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        tol = f32_tol(seq * v.abs().max().item())   # a weighted sum over up to seq values
+        assert (full - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() <= tol
         for start in range(seq - 8):
-            part = F.scaled_dot_product_attention(q[:, :, start:].contiguous(), k, v, attn_mask=mask[start:])
             if exact_start(start, seq) == start:
-                assert torch.equal(part, full[:, :, start:]), (seq, start)
-            else:
-                inexact_refused += not torch.equal(part, full[:, :, start:])
-    assert inexact_refused > 0
-    assert [s for s in range(63) if exact_start(s, 71) != s] == [4, 5, 6, 36, 37, 38]
+                part = F.scaled_dot_product_attention(q[:, :, start:].contiguous(), k, v, attn_mask=mask[start:])
+                assert (part - full[:, :, start:]).abs().max() <= tol, (seq, start)
 
 
-def test_prefix_reuse_is_exact_across_attention_blocks():
+def test_prefix_reuse_across_attention_blocks():
     """A 71-token prompt (the CPU attention's query blocks end at 32 and 64): every (layer x position)
-    cell of the sweep equals its full forward bit for bit."""
+    cell of the sweep equals its full forward up to float32 rounding."""
     model, processor = tiny_llava(layers=2)
     handle = load(model, processor=processor)
     prompt = PROMPT + " two" * 45
@@ -199,6 +223,7 @@ def test_prefix_reuse_is_exact_across_attention_blocks():
     cells = {(L, p): [(Site(f"llm.{L}.resid_pre", Indices(p)), Patch(source=src[f"llm.{L}.resid_pre"]))]
              for L in range(2) for p in range(seq)}
     df = sweep(handle, inputs, cells, metric, batch_size=64, progress=False)
+    scale = 1.0 + run(handle, inputs).logits.abs().max().item()
     for key, edits in cells.items():
         got = torch.tensor(df[df.cell == key].sort_values("input").value.to_numpy(), dtype=torch.float32)
-        assert torch.equal(got, run_cell(handle, inputs, edits, metric)), key
+        assert_close_values(got, run_cell(handle, inputs, edits, metric), scale, key)

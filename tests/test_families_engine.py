@@ -1,6 +1,6 @@
 """The family maps through the engine (nnsight): reads, one Patch and one zero-ablation at
 ``projector.out`` against a plain PyTorch forward-hook reference, per family (tiny models from
-tests/tiny_families.py). Skipped as a whole while ``projlens_mi.engine`` has no ``run``.
+tests/tiny_families.py).
 
 Qwen2.5-VL's window order is remapped by the engine (``token_order = "window"``): selectors at
 projector points pick image tokens in the order the LLM sees them.
@@ -13,14 +13,13 @@ import torch
 
 from projlens_mi.errors import ProjLensError
 
-try:
-    from projlens_mi.engine import Ablate, ImageWindow, Patch, Site, WithWeights, run
-    from projlens_mi.model import Inputs, load
-except ImportError as err:  # the engine lands separately
-    pytest.skip(f"projlens_mi.engine.run is not available yet ({err})", allow_module_level=True)
+from projlens_mi.engine import Ablate, ImageWindow, Patch, Site, WithWeights, run
+from projlens_mi.model import Inputs, load
 
 from test_families import NAMES, fam, forward, projector_hook
 from tiny_families import TinyFamily
+
+pytestmark = pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
 
 # Families whose projector output holds several crops / images per batch row (anyres crops of
 # LLaVA-NeXT / OneVision; split images of Idefics3 / SmolVLM). Row edits work (the engine regroups

@@ -20,6 +20,8 @@ from projlens_mi.errors import ProjLensError  # noqa: E402
 
 from tiny import PROMPT, tiny_images, tiny_llava  # noqa: E402
 
+pytestmark = pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
+
 TOL = dict(rtol=1e-5, atol=1e-5)   # the bridge runs eager attention, the caller's model sdpa: float32 rounding
 
 

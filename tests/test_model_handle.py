@@ -21,6 +21,7 @@ def tiny():
     return tiny_llava()
 
 
+@pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
 def test_in_memory_model(tiny):
     model, processor = tiny
     h = load(model, processor=processor)
@@ -35,6 +36,7 @@ def test_in_memory_model(tiny):
     assert h.envoy is env
 
 
+@pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
 def test_nnsight_wrapped_model_reuses_the_wrapper(tiny):
     model, processor = tiny
     env = NNsight(model)
@@ -45,6 +47,7 @@ def test_nnsight_wrapped_model_reuses_the_wrapper(tiny):
         assert torch.equal(run(h, inputs).logits, model(**inputs.model_kwargs()).logits)
 
 
+@pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
 def test_folder_round_trip(tiny, tmp_path):
     model, processor = tiny
     model.save_pretrained(tmp_path)
@@ -115,6 +118,7 @@ def test_find_adapter_on_a_wrapper(tiny):
     assert find_adapter(NNsight(model)).family == "llava"
 
 
+@pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
 def test_inputs_cat_re_pads_and_runs_like_separate_batches(tiny):
     model, processor = tiny
     h = load(model, processor=processor)
