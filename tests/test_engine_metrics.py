@@ -12,6 +12,8 @@ from projlens_mi.errors import ProjLensError
 
 from tiny import PROMPT, tiny_images, tiny_llava
 
+pytestmark = pytest.mark.numerics   # re-run under other CPU kernel settings by .ci/run (docs/reproducibility.md)
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -61,23 +63,46 @@ def test_teacher_forced_with_an_edit_changes_it(setup):
 
 def test_teacher_forced_and_sequence_logprob_are_public(setup):
     """The two halves of target_logprob, exported from projlens_mi.engine and projlens_mi: a user
-    can teacher-force, run with reads / edits / gradients, and score the target from the logits."""
+    can teacher-force, run with reads / edits / gradients, and score the target from the logits.
+    Checked against a plain-PyTorch loop (one row, one target token at a time, the edit as a
+    forward hook), not against target_logprob, which is built from these two halves."""
     import projlens_mi
     import projlens_mi.engine as engine
     from projlens_mi.engine import metrics
 
+    from numerics import f32_tol
+
     for name in ("teacher_forced", "sequence_logprob"):
         assert getattr(engine, name) is getattr(projlens_mi, name) is getattr(metrics, name)
         assert name in engine.__all__ and name in projlens_mi.__all__
-    handle, _, inputs = setup
+    handle, model, inputs = setup
     targets = ["seven", "two three", "a cat ."]
     tf, ids, mask = projlens_mi.teacher_forced(handle, inputs, targets)
     assert tf.input_ids.shape[1] == inputs.input_ids.shape[1] + ids.shape[1] and mask.sum(1).tolist() == [1, 2, 3]
-    edits = [(Site("projector.out"), Ablate())]
-    for e in ((), edits):
-        res = run(handle, tf, read=[Site("llm.1.resid_post", LastToken())], edits=e)
+    tok, prompts = handle.tokenizer, [PROMPT, PROMPT + " two", PROMPT]
+    for ablate in (False, True):
+        res = run(handle, tf, read=[Site("llm.1.resid_post", LastToken())],
+                  edits=[(Site("projector.out"), Ablate())] if ablate else ())
         got = projlens_mi.sequence_logprob(res.logits, inputs.input_ids.shape[1], ids, mask)
-        assert torch.equal(got, target_logprob(handle, inputs, targets, edits=e))
+        hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: torch.zeros_like(out)) if ablate else None
+        try:
+            for r, text in enumerate(targets):
+                single = handle.encode([tiny_images(3)[r]], [prompts[r]])
+                seq, total, scale = single.input_ids, 0.0, 0.0
+                for t in tok(text, add_special_tokens=False)["input_ids"]:
+                    with torch.no_grad():
+                        logits = model(input_ids=seq, pixel_values=single.pixel_values,
+                                       attention_mask=torch.ones_like(seq)).logits[0, -1].double()
+                    total += logits.log_softmax(-1)[t].item()
+                    scale += 1.0 + logits.abs().max().item()
+                    seq = torch.cat([seq, torch.tensor([[t]])], 1)
+                assert abs(got[r].item() - total) <= f32_tol(scale), (ablate, r, got[r].item(), total)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if ablate:
+            assert (got - plain).abs().min() > 1e-3   # the edit really changed every row
+        plain = got
 
 
 def test_batched_greedy_generation_equals_one_row_at_a_time(setup):

@@ -165,7 +165,12 @@ def test_anyres_counts():
     f = fam("llava_next")
     tmap = f.token_map()
     assert len(tmap) == 88 and int((tmap == -1).sum()) == 8 and int((tmap >= 0).sum()) == 80
-    assert 96 - 80 == 16   # rows dropped by unpadding (8 per image)
+    store: dict = {}
+    with projector_hook(f.model, find_adapter(f.model).projector, store=store):
+        forward(f)
+    n_rows = store["out"].reshape(-1, store["out"].shape[-1]).shape[0]
+    dropped = sorted(set(range(n_rows)) - set(tmap[tmap >= 0].tolist()))   # projector rows no position reads
+    assert n_rows == 96 and len(dropped) == 16 and sum(r < 48 for r in dropped) == 8   # unpadding: 8 per image
     assert tmap[:16].tolist() == list(range(16))     # the base crop comes first, in order
 
 

@@ -13,7 +13,7 @@ import torch
 
 from projlens_mi.errors import ProjLensError
 from projlens_mi.model.load import load_checkpoint
-from tests.tiny import PROMPT, tiny_images, tiny_llava
+from tiny import PROMPT, tiny_images, tiny_llava
 
 
 def _save(model, processor, folder: Path, weights: bool = True) -> Path:
@@ -339,8 +339,18 @@ def test_disk_offload_without_folder_is_one_line(saved):
         assert not any(p.name.endswith(".dat") for p in saved.rglob("*"))
 
 
-def test_env_is_offline():
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+def test_suite_cannot_reach_the_hub(tmp_path):
+    """The suite runs offline: huggingface_hub and transformers read HF_HUB_OFFLINE when first
+    imported, so conftest must set it before anything imports them; a download then fails at once
+    with the offline error instead of trying the network."""
+    import huggingface_hub.constants as hc
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from transformers.utils.hub import is_offline_mode
+
+    assert hc.HF_HUB_OFFLINE and is_offline_mode()
+    with pytest.raises(LocalEntryNotFoundError, match="offline|local cache|outgoing traffic"):
+        hf_hub_download("someorg/not-cached-vlm", "config.json", cache_dir=tmp_path / "hub")
 
 
 def test_public_load_passes_tp_size(tiny, saved, monkeypatch):

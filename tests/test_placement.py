@@ -26,7 +26,7 @@ from projlens_mi.model import load
 from projlens_mi.model.handle import ModelHandle
 from projlens_mi.model.load import load_checkpoint
 from projlens_mi.model.placement import input_device, is_dispatched, weight_of
-from tests.tiny import PROMPT, tiny_images, tiny_llava
+from tiny import PROMPT, tiny_images, tiny_llava
 
 LAYERS = 3
 POINTS = (["llm.embed", "vision.out", "projector.in", "projector.hidden", "projector.out"]
@@ -202,7 +202,7 @@ def test_tensor_parallel_two_ranks(folder, reference, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun, "torchrun not found next to the interpreter"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
            str(TP_WORKER), str(folder), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -29,7 +29,7 @@ def main(folder: str, report_dir: str) -> None:
     from projlens_mi.model.handle import ModelHandle
     from projlens_mi.model.load import load_checkpoint
     from projlens_mi.model.placement import is_tensor_parallel, tp_shim, wrap
-    from tests.tiny import PROMPT, tiny_images
+    from tiny import PROMPT, tiny_images
 
     tp_shim()
     ref_model, processor, _ = load_checkpoint(folder)
