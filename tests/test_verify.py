@@ -234,6 +234,12 @@ def test_tolerance_rules():
     assert rule(("pairs", "p", "analyses", "neurons", "ft.n_quiescent_candidates_hi"), m, cfg, ar).kind == "discrete"
     assert rule(("pairs", "p", "analyses", "neurons", "baseline.asr_lo"), m, cfg, ar).kind == "rate"
     assert rule(("pairs", "p", "analyses", "shift", "energy_k1.clean_hi"), m, cfg, ar).kind == "forward"
+    import numpy as np
+    m["pairs"]["p"]["analyses"]["attribution"] = {"spearman": 0.9, "spearman_hi": 0.95, "clean_mean": 0.0,
+                                                  "triggered_mean": 1.0}
+    cells = {"p": (np.arange(10.0), np.arange(10.0), ["denoise"], 3)}
+    for key in ("spearman", "spearman_hi"):
+        assert rule(("pairs", "p", "analyses", "attribution", key), m, cfg, ar, cells).kind == "rank"
     m["pairs"]["p"]["analyses"]["probe"] = {"ft.true.accuracy": 0.9}
     m["pairs"]["p"]["analyses"]["ablation"] = {"baseline": {"accuracy": 0.9}}
     assert rule(("pairs", "p", "analyses", "probe", "ft.true.accuracy"), m, cfg, ar).n == 18

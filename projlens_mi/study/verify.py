@@ -202,17 +202,17 @@ def rule(path: tuple, metrics: dict, cfg: dict, ar: Arithmetic, cells: dict | No
     name, keys = rest[1], rest[2:]
     words = _words(keys)
     a = (metrics["pairs"][path[1]]["analyses"].get(name)) or {}
-    if name == "attribution" and keys[0] in ("spearman", "spearman_by_direction", "top_k_overlap") \
-            and path[1] in (cells or {}):
+    if name == "attribution" and words[0] in ("spearman", "spearman_by_direction", "top_k_overlap") \
+            and path[1] in (cells or {}):     # (their bootstrap bounds move with them)
         actual, estimate, directions, k = cells[path[1]]
         t = ar.forward_rtol * _contrast(a.get("triggered_mean"), a.get("clean_mean"))
-        if keys[0] == "spearman_by_direction" and len(keys) > 1 and keys[1] in directions:
-            i = directions.index(keys[1])
+        if words[0] == "spearman_by_direction" and len(words) > 1 and words[1] in directions:
+            i = directions.index(words[1])
             actual, estimate = actual[i], estimate[i]
         import numpy as np
         scale = max(1.0, float(np.nanmax(np.abs(np.concatenate([np.ravel(actual), np.ravel(estimate)])))))
         bound = rank_tolerance(actual, estimate, t * scale, k)
-        return Rule("rank", atol=bound["top_k_overlap" if keys[0] == "top_k_overlap" else "spearman"])
+        return Rule("rank", atol=bound["top_k_overlap" if words[0] == "top_k_overlap" else "spearman"])
     if any(w in DISCRETE_WORDS for w in words) or (name == "tracing" and keys[0] == "direction"):
         return Rule("discrete")
     last = next((w for w in reversed(words)), "")
@@ -416,7 +416,7 @@ class Verification:
         return 1 if (self.input_changes or self.moved or self.verdicts or self.failed_steps) else 0
 
     def text(self, all_rows: bool = False, limit: int = 30) -> str:
-        lines = [f"verify {self.out}: {len(self.steps)} steps re-computed"]
+        lines = [f"verify {self.out}: {len(self.steps)} steps " + ("selected" if self.input_changes else "re-computed")]
         if self.input_changes:
             lines.append("the inputs changed (nothing was re-computed; the numbers cannot be compared):")
             lines += [f"  {c}" for c in self.input_changes]
@@ -572,6 +572,7 @@ def verify(out: str | Path, *, steps: list[str] | None = None, flips: int = 0, w
         log(f"re-computing {len(chosen)} steps into {side}")
         outcome = run_study(cfg, side, log=log, progress=progress)
         result.failed_steps = dict(outcome.errors)
+        result.steps = [sid for sid, status in outcome.status.items() if status in ("computed", "failed")]
         new = json.loads((side / "metrics.json").read_text())
         result.environment = environment_changes(prov, cfg)
     finally:
