@@ -227,7 +227,7 @@ def test_patching_result_round_trips_and_renders(tiny, tmp_path):
     assert "barely differ" in res.summary()          # the tiny model's trigger hardly moves p(target)
     assert res.metrics()["denoise_projector_out_image"] == pytest.approx(1.0, abs=1e-3)
     fig = res.plot()
-    assert len(fig.axes) == 4   # two heatmaps + two colour bars
+    assert len(fig.axes) == 3   # two heatmaps + one colour bar (one per shared scale)
 
 
 # --- ablation ---------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def test_tracing_result_round_trips(tiny, tmp_path):
     back = load_result(tmp_path / "t.json")
     np.testing.assert_array_equal(back.restored, res.restored)
     assert back.summary() == res.summary()
-    assert len(res.plot().axes) == 2 * 3 * 2
+    assert len(res.plot().axes) == 2 * 3 + 1   # corruptions × modes heatmaps + one shared colour bar
     assert res.to_frame().shape[0] == 2 * 3 * 2 * 4
 
 
