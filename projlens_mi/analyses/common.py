@@ -143,6 +143,12 @@ def tile_edits(edits_per_cell: list[list], n: int) -> list:
     return out
 
 
+def pct_ci(v: float, lo=None, hi=None) -> str:
+    """A rate as ``74% [69%, 78%]`` (its 95 % CI), or ``74%`` where no CI is given / finite."""
+    ok = lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
+    return f"{v:.0%} [{lo:.0%}, {hi:.0%}]" if ok else f"{v:.0%}"
+
+
 def fmt_ci(v: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 

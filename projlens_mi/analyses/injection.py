@@ -239,6 +239,9 @@ class InjectionResult(Result):
         c = self.cells[(self.cells.kind == "inject") & (self.cells.reference == reference)]
         return c.pivot(index="rank_1", columns="rank_2", values=metric)
 
+    def _pct(self, row, col: str = "asr") -> str:
+        return common.pct_ci(row[col], row.get(f"{col}_lo"), row.get(f"{col}_hi"))
+
     def _ref(self, name):
         r = self.cells[self.cells.kind == name]
         return r.iloc[0] if len(r) else None
@@ -306,23 +309,25 @@ class InjectionResult(Result):
         lines = [f"**Rank-k injection ({self.variant}, {self.n_triggered} triggered / {self.n_clean} clean inputs, "
                  f"bias {self.bias}).** Paper (≈): {PAPER}."]
         if ft is not None and bm is not None:
-            lines.append(f"- FT projector: ASR {ft.asr:.0%}, clean accuracy {ft.clean_accuracy:.0%}; base: ASR "
-                         f"{bm.asr:.0%}, clean accuracy {bm.clean_accuracy:.0%}.")
+            lines.append(f"- FT projector: ASR {self._pct(ft)}, clean accuracy {self._pct(ft, 'clean_accuracy')}; base: "
+                         f"ASR {self._pct(bm)}, clean accuracy {self._pct(bm, 'clean_accuracy')} (95 % CIs in brackets).")
         for ref in sorted(set(self.cells[self.cells.kind == "inject"].reference)):
             h = self.heatmap(ref)
-            diag = [(k, h.loc[k, k]) for k in h.index if k in h.columns and k > 0]
+            ci = ("asr_lo" in self.cells) and (self.heatmap(ref, "asr_lo"), self.heatmap(ref, "asr_hi"))
+            at = lambda i, j: common.pct_ci(h.loc[i, j], *((ci[0].loc[i, j], ci[1].loc[i, j]) if ci else ()))  # noqa: E731
+            diag = [k for k in h.index if k in h.columns and k > 0]
             if diag:
                 name = "ΔW" if ref == "base" else "ΔW'"
                 lines.append(f"- injecting rank k of both ΔW1 and ΔW2 ({name}): " +
-                             ", ".join(f"k={k}: {v:.0%}" for k, v in diag) + " ASR.")
+                             ", ".join(f"k={k}: {at(k, k)}" for k in diag) + " ASR.")
             if 0 in h.index:
-                lines.append("  ΔW2 alone: " + ", ".join(f"k={k}: {h.loc[0, k]:.0%}" for k in h.columns if k > 0) + ".")
+                lines.append("  ΔW2 alone: " + ", ".join(f"k={k}: {at(0, k)}" for k in h.columns if k > 0) + ".")
         rem = self.cells[self.cells.kind.isin(["remove", "placebo"]) & (self.cells.reference == "base")]
         parts = []
         for s in dict.fromkeys(rem.removal):
-            r = rem[(rem.kind == "remove") & (rem.removal == s)].asr.mean()
+            r = rem[(rem.kind == "remove") & (rem.removal == s)].iloc[0]
             p = rem[(rem.kind == "placebo") & (rem.removal == s)].asr.mean()
-            parts.append(f"ranks {s}: {r:.0%} (placebo {p:.0%})")
+            parts.append(f"ranks {s}: {self._pct(r)} (placebo {p:.0%})")
         if parts:
             lines.append(f"- ASR after removing components of ΔW from {self.remove_layer}: " + "; ".join(parts) + ".")
         return "\n".join(lines)

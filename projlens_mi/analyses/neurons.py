@@ -254,6 +254,11 @@ class NeuronResult(Result):
                  f"largest M_p − M_c = {ft.M_diff.max():.3f} (median |M_c| {ft.M_c.abs().median():.3f}); "
                  f"largest F_p − F_c = {ft.F_diff.max():.3f}; quiescent-on-clean candidates "
                  f"(F_c ≤ {self.quiet}, F_p − F_c ≥ {self.min_gain}): {int(ft.quiescent_candidate.sum())}."]
+        if self.ci:
+            ci = {k: f"[{lo:.3g}, {hi:.3g}]" for k, (lo, hi) in self.ci.items()}
+            lines.append(f"- Bootstrap 95 % CIs (images resampled): corr(M_p, M_c) {ci['corr_M']}, corr(F_p, F_c) "
+                         f"{ci['corr_F']}, largest M_p − M_c {ci['max_M_diff']}, quiescent candidates "
+                         f"{ci['n_quiescent_candidates']}.")
         if len(self.scan):
             top = self.scan.sort_values("prob_drop", ascending=False).iloc[0]
             where = "where the model says it" if self.prefix == "auto" else "right after the prompt"
