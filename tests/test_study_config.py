@@ -76,6 +76,17 @@ def test_analysis_params_are_validated_into_the_params_dataclass(user):
     assert [a.name for a in only.enabled_analyses()] == ["pause"]
 
 
+def test_another_studys_plugin_does_not_leak_into_a_config(user):
+    """A plugin imported for one study stays registered in the process, but a later config without it
+    neither runs it nor records it (else verify sees a changed config and runs differ by test order)."""
+    with_plugin = load_config(_write(user, MINIMAL + f'[analyses]\nplugins = ["{PLUGIN}"]\n'))
+    assert "weight_delta" in with_plugin.analyses
+    plain = load_config(_write(user, MINIMAL))
+    assert "weight_delta" not in plain.analyses and "pause" not in plain.analyses
+    with pytest.raises(ProjLensError, match="unknown analysis \\[analyses.weight_delta\\]"):
+        load_config(_write(user, MINIMAL + "[analyses.weight_delta]\nn = 3\n"))
+
+
 BAD = {
     "unknown section": ("[modle]\nbase = 1\n" + MINIMAL, "unknown section [modle]"),
     "unknown model key": (MINIMAL.replace("[model]", "[model]\nbsae = 'x'"), "unknown key model.bsae"),

@@ -322,14 +322,16 @@ def _trigger(value, key: str):
     return build(TRIGGERS[name], obj, key)
 
 
-def import_plugins(plugins: list[str], folder: Path) -> None:
-    """Import extra analysis modules (files relative to ``folder`` or module names)."""
+def import_plugins(plugins: list[str], folder: Path) -> list[str]:
+    """Import extra analysis modules (files relative to ``folder`` or module names); their module names."""
+    names = []
     for spec in plugins:
         if spec.endswith(".py"):
             path = Path(spec) if Path(spec).is_absolute() else folder / spec
             if not path.is_file():
                 raise ProjLensError(f"analyses.plugins: file not found: {spec!r} ({path})")
             mod_name = f"projlens_plugin_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]}"
+            names.append(mod_name)
             if mod_name in sys.modules:
                 continue
             module_spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -345,11 +347,22 @@ def import_plugins(plugins: list[str], folder: Path) -> None:
                 importlib.import_module(spec)
             except ModuleNotFoundError:
                 raise ProjLensError(f"analyses.plugins: cannot import module {spec!r}; give a module name or a .py file") from None
+            names.append(spec)
+    return names
+
+
+def _in_study(module: str, plugin_modules: list[str]) -> bool:
+    """An analysis belongs to a study when it is built in or comes from one of the study's own plugins:
+    one registered by another study's plugin (or in a notebook) in the same process does not leak in."""
+    return any(module == m or module.startswith(m + ".") for m in ["projlens_mi.analyses", *plugin_modules])
 
 
 def _params(name: str, cls, given: dict, run: RunSection):
     """Validate one [analyses.<name>] table against the analysis's Params dataclass (strict types, ranges)."""
-    fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise ProjLensError(f"analyses.{name}: its Params type {cls!r} is not a dataclass; register the analysis "
+                            "with a dataclass of its parameters")
+    fields = [f.name for f in dataclasses.fields(cls)]
     for k in given:
         if k not in ["enabled", *fields]:
             raise ProjLensError(f"unknown key analyses.{name}.{k}; allowed: {', '.join(['enabled', *fields])}")
@@ -359,9 +372,6 @@ def _params(name: str, cls, given: dict, run: RunSection):
     for k in ("batch_size", "seed", "max_new_tokens"):
         if k in fields and k not in kw and k in run.model_fields_set:
             kw[k] = getattr(run, k)
-    if not fields:
-        raise ProjLensError(f"analyses.{name}: its Params type {cls!r} is not a dataclass; register the analysis "
-                            "with a dataclass of its parameters")
     return build(cls, kw, f"analyses.{name}")
 
 
@@ -374,19 +384,19 @@ def _analyses(raw: dict, run: RunSection, folder: Path) -> tuple[dict[str, Analy
     plugins = table.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ProjLensError(f"analyses.plugins = {plugins!r} is invalid; give a list of module names or .py files")
-    import_plugins(plugins, folder)
-    known = sorted(ANALYSES)
+    modules = import_plugins(plugins, folder)
+    known = sorted(n for n, a in ANALYSES.items() if _in_study(a.fn.__module__, modules))
     only = table.get("only")
     if only is not None:
         if not isinstance(only, list) or not all(isinstance(x, str) for x in only):
             raise ProjLensError(f"analyses.only = {only!r} is invalid; give a list of analysis names ({', '.join(known)})")
         for x in only:
-            if x not in ANALYSES:
+            if x not in known:
                 raise ProjLensError(f"analyses.only: unknown analysis {x!r}; allowed: {', '.join(known)}")
     for k, v in table.items():
         if k in RESERVED_ANALYSIS_KEYS:
             continue
-        if k not in ANALYSES:
+        if k not in known:
             raise ProjLensError(f"unknown analysis [analyses.{k}]; allowed: {', '.join(known + list(RESERVED_ANALYSIS_KEYS))}")
         if not isinstance(v, dict):
             raise ProjLensError(f"analyses.{k} must be a table [analyses.{k}], got {v!r}")
