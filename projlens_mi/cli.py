@@ -44,22 +44,28 @@ def _fail(err: Exception) -> None:
 
 
 INTERRUPTED = "interrupted; run the same command again to resume"
+VERIFY_INTERRUPTED = "interrupted; the study folder was not changed"
 
 
-def _resumable(command):
-    """Ctrl-C anywhere in ``command``: one line, no traceback, exit status 130 (the shell's for SIGINT).
-    The library kills its worker processes on the way out and has stored every finished step, so the
-    same command resumes where this one stopped."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            typer.echo(("\n" if sys.stderr.isatty() else "") + INTERRUPTED, err=True)
-            import gc
-            gc.freeze()   # the exit skips the collector's last passes over torch's objects: 0.7-1.5 s instead of
-            raise typer.Exit(130) from None   # 7-8 s at a load of 13 on 2 CPUs (atexit handlers still run)
-    return wrapper
+def _interruptible(message: str):
+    """Ctrl-C anywhere in the command: ``message`` on one line, no traceback, exit status 130 (the
+    shell's for SIGINT). The library kills its worker processes on the way out and has stored every
+    finished step, so a resumable command picks up where it stopped."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                typer.echo(("\n" if sys.stderr.isatty() else "") + message, err=True)
+                import gc
+                gc.freeze()   # the exit skips the collector's last passes over torch's objects: 0.7-1.5 s instead of
+                raise typer.Exit(130) from None   # 7-8 s at a load of 13 on 2 CPUs (atexit handlers still run)
+        return wrapper
+    return decorate
+
+
+_resumable = _interruptible(INTERRUPTED)
 
 
 def _one_line(text: object) -> str:
@@ -247,6 +253,7 @@ def report_cmd(out: Path = typer.Argument(..., help="A study's report folder."))
 
 
 @app.command()
+@_interruptible(VERIFY_INTERRUPTED)
 def verify(
     out: Path = typer.Argument(..., help="A study's report folder (metrics.json, provenance.json, .steps/)."),
     steps: Optional[list[str]] = typer.Option(None, "--steps", help="Re-compute only these steps (a step id such as "

@@ -112,8 +112,11 @@ def test_injection_rank_2_reproduces_the_ft_model(planted, tmp_path):
     assert isinstance(back.plot(), Figure)
     # the summary reports this run's cells (not the paper's constants)
     h = back.heatmap("base")
-    assert f"- FT projector: ASR {ft.asr:.0%}, clean accuracy {ft.clean_accuracy:.0%}" in back.summary()
-    assert "ΔW2 alone: " + ", ".join(f"k={k}: {h.loc[0, k]:.0%}" for k in (1, 2, 3)) + "." in back.summary()
+    from projlens_mi.analyses.common import pct_ci
+    assert (f"- FT projector: ASR {pct_ci(ft.asr, ft.get('asr_lo'), ft.get('asr_hi'))}, clean accuracy "
+            f"{pct_ci(ft.clean_accuracy, ft.get('clean_accuracy_lo'), ft.get('clean_accuracy_hi'))}") in back.summary()
+    alone = next(line for line in back.summary().splitlines() if "ΔW2 alone: " in line)
+    assert all(f"k={k}: {h.loc[0, k]:.0%}" in alone for k in (1, 2, 3)), alone
 
 
 def test_fast_cells_equal_the_slow_reference(planted):

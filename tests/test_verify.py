@@ -285,3 +285,19 @@ def test_trained_rates_tolerate_a_seed_spread():
     by = {r.metric.split(".")[-2] + "." + r.metric.split(".")[-1]: r for r in rows}
     assert by["shuffled.accuracy"].ok and by["shuffled.accuracy"].change == "4 of 80 flipped"
     assert not by["true.accuracy"].ok and by["true.accuracy"].tolerance == "1 flips"
+
+
+def test_ctrl_c_during_verify_is_one_line_and_exit_130(monkeypatch, tmp_path):
+    """Ctrl-C while verify re-computes: one line saying the study folder is untouched, exit 130, no traceback
+    (verify works in a side folder, so "run it again to resume" would be wrong)."""
+    from typer.testing import CliRunner
+
+    import projlens_mi.study.verify as verify_module
+    from projlens_mi.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(verify_module, "verify", interrupted)
+    r = CliRunner().invoke(app, ["verify", str(tmp_path)])
+    assert r.exit_code == 130, r.output
+    assert r.output.strip() == "interrupted; the study folder was not changed"
