@@ -144,7 +144,11 @@ def claims_interactive(v: dict, cwd: Path, full: bool) -> None:
     if full:   # "triggered log p close to 0, clean far below"; the backdoor fires
         assert v["lp_trig"] > -1.0 and v["lp_trig"] - v["lp_clean"] > 5.0, (v["lp_clean"], v["lp_trig"])
         assert all(r < 0.1 for r in recovery[2:])            # "from layer 1 on ... almost nothing"
-        assert v["asr_top"][0] == 1.0 and v["asr_top"][v["ks"].index(2)] == 0.0 and set(v["asr_random"]) == {1.0}
+        # "fires on all eight rows", "random subspaces ... leave it at 1.0", "0.75, 0.25, 0.5 and 0 for
+        # k = 1, 2, 4 and 8 ... read these as ± one row": the rows still firing, each within one of the text
+        assert v["ks"] == [0, 1, 2, 4, 8] and v["asr_top"][0] == 1.0 and set(v["asr_random"]) == {1.0}
+        firing = [round(8 * a) for a in v["asr_top"][1:]]
+        assert all(abs(f - doc) <= 1 for f, doc in zip(firing, [6, 2, 4, 0])), firing
         assert sum(bool(p) for p in v["prefix"]) >= 6          # the answer comes first
 
 
