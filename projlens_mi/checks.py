@@ -56,32 +56,33 @@ class Checked:
         for name, entry in _adapters(type(self)).items():
             if entry is None:
                 continue
-            adapter, hint = entry
             value = getattr(self, name)
             try:
-                adapter.validate_python(tuple(value) if isinstance(value, list) and _takes_tuple(hint) else value)
+                _validate(entry, value, strict=False)
             except ValidationError as exc:
                 raise ProjLensError(f"{type(self).__name__}({name}={value!r}) is invalid: {exc.errors()[0]['msg']}") from None
+
+
+def _validate(entry: tuple, value, *, strict: bool):
+    """``value`` validated against one field's (adapter, annotation); a list given for a tuple is read as one."""
+    adapter, hint = entry
+    return adapter.validate_python(tuple(value) if isinstance(value, list) and _takes_tuple(hint) else value,
+                                   strict=strict)
 
 
 def build(cls, given: dict, key: str):
     """``cls(**given)`` after strict, range-checked validation of each given field; errors name ``key.field``."""
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
-    hints = typing.get_type_hints(cls, include_extras=True)
+    adapters = _adapters(cls)
     kw = {}
     for name, value in given.items():
         if name not in fields:
             raise ProjLensError(f"unknown key {key}.{name}; allowed: {', '.join(fields)}")
-        hint = hints.get(name, typing.Any)
-        if isinstance(value, list) and _takes_tuple(hint):
-            value = tuple(value)
-        try:
-            adapter = TypeAdapter(hint)
-        except Exception:  # noqa: BLE001 - a type pydantic cannot describe (a plugin's own class): taken as given
+        if adapters[name] is None:   # a type pydantic cannot describe (a plugin's own class): taken as given
             kw[name] = value
             continue
         try:
-            kw[name] = adapter.validate_python(value, strict=True)
+            kw[name] = _validate(adapters[name], value, strict=True)
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ProjLensError(f"{key}.{name} = {given[name]!r} is invalid: {err['msg']}") from None
