@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .errors import ProjLensError
+from .errors import ProjLensError, printable
 from .settings import default_organism
 
 # rich_markup_mode=None: help texts are printed as written (rich markup would swallow "[run]"), and
@@ -66,11 +66,6 @@ def _interruptible(message: str):
 
 
 _resumable = _interruptible(INTERRUPTED)
-
-
-def _one_line(text: object) -> str:
-    """``text`` on one line with control characters escaped (an error can quote a data file)."""
-    return "".join(c if c.isprintable() else " " if c in "\n\r\t" else ascii(c)[1:-1] for c in str(text))
 
 
 def _quiet_hf() -> None:
@@ -193,7 +188,7 @@ def _run_study(config: Path, out: Path, *, plan: bool, quiet: bool, as_json: boo
     elif quiet:
         typer.echo(study.one_line(metrics, out))
         for step, error in outcome.errors.items():   # why, even when quiet: one line per failed step
-            typer.echo(f"failed: {step}: {_one_line(error)}", err=True)
+            typer.echo(f"failed: {step}: {printable(error)}", err=True)
     else:
         if header:
             typer.echo(header)

@@ -10,3 +10,9 @@ class ProjLensError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def printable(text: object) -> str:
+    """``text`` on one terminal line: newlines and tabs as spaces, other control characters escaped
+    (``\\x1b``), so an error that quotes a data file or a model cannot move the cursor or recolour it."""
+    return "".join(c if c.isprintable() else " " if c in "\n\r\t" else ascii(c)[1:-1] for c in str(text))

@@ -241,3 +241,21 @@ def test_report_figures_show_every_value_on_fixed_axes():
     shift_ax = next(ax for ax in fig.axes if ax.get_title().startswith("shift"))
     assert shift_ax.get_xlim() == (0.0, 1.0)                      # 0.9688 vs 0.9705 is not an effect
     assert _limits("baselines.clean.corrupted") is None and _limits("corr_M.ft") == (-1.0, 1.0)
+
+
+def test_terminal_summary_escapes_control_characters_in_errors():
+    """A failed step's error can quote a data file or a model: the end-of-run summary (as the CLI's --quiet
+    line) prints it on one line with escape codes shown as text, never sent to the terminal."""
+    from types import SimpleNamespace
+
+    from projlens_mi.errors import printable
+    from projlens_mi.study.report import summary_text
+    error = "ValueError: bad \x1b[31mred\x1b[0m\nsecond line\x07"
+    assert printable(error) == "ValueError: bad \\x1b[31mred\\x1b[0m second line\\x07"
+    metrics = {"study": {"title": "t", "config_hash": "h"}, "pairs": {}, "asr": None, "clean_accuracy": None,
+               "false_trigger_rate": None, "incomplete": [], "analyses": []}
+    outcome = SimpleNamespace(errors={"analysis/x/p": error}, status={"analysis/x/p": "failed"}, seconds={},
+                              wall_seconds=1.0)
+    text = summary_text(metrics, outcome, Path("out"))
+    assert "FAILED analysis/x/p: " + printable(error) in text
+    assert "\x1b" not in text and "\x07" not in text

@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..analyses.common import md_code, md_text
 from ..data import atomic_write_text
-from ..errors import ProjLensError
+from ..errors import ProjLensError, printable
 
 SCHEMA = "projlens_mi.study.metrics/1"
 
@@ -760,11 +760,6 @@ def one_line(metrics: dict, out: Path) -> str:
             f"false_trigger_rate={_fmt(metrics['false_trigger_rate'])} incomplete={len(metrics['incomplete'])}")
 
 
-def _printable(s) -> str:
-    """``s`` without control characters (an error quoting a data line must not move the terminal's cursor)."""
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(s))
-
-
 def summary_text(metrics: dict, outcome, out: Path) -> str:
     """The one-screen summary printed at the end of a run."""
     pairs = list(metrics["pairs"])
@@ -793,6 +788,6 @@ def summary_text(metrics: dict, outcome, out: Path) -> str:
     lines.append("steps: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                  + f"; wall {outcome.wall_seconds:.0f} s")
     for k, v in outcome.errors.items():
-        lines.append(f"  FAILED {k}: {_printable(v)}")
+        lines.append(f"  FAILED {k}: {printable(v)}")
     lines.append(f"report: {out / 'report.md'}  (html: {out / 'report.html'})")
     return "\n".join(lines)
