@@ -36,6 +36,7 @@ from ..engine import ImageTokens, ImageWindow, LastToken, Site, TargetText, run,
 from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
 from . import common
+from .common import check_choice
 from .base import Pair
 
 
@@ -66,11 +67,6 @@ class CellParams(Checked):
 
 METRICS = ("prob", "logprob", "first_prob")
 METRIC_LABEL = {"prob": "p(target text)", "logprob": "log p(target text) [nats]", "first_prob": "p(first target token)"}
-
-
-def check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ProjLensError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
 def model_of(pair: Pair, which: str) -> ModelHandle:

@@ -28,6 +28,12 @@ from ..errors import ProjLensError
 from ..model.handle import Inputs, ModelHandle
 
 
+def check_choice(name: str, value, allowed) -> None:
+    """A parameter that takes one of a few strings: a one-line error otherwise (before any work)."""
+    if value not in allowed:
+        raise ProjLensError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
 def pick(pair, n: int | None) -> tuple[list[Record], list[Record]]:
     """The first ``n`` clean and the first ``n`` triggered records (one-line error if either is empty)."""
     clean, trig = pair.clean, pair.triggered

@@ -122,8 +122,7 @@ def scoring_prefixes(pair, records, targets, triggered: np.ndarray, mode: str, m
     """Per record: the text the FT model says before its target (``engine.target_prefixes`` of the
     poisoned model's greedy generation on the triggered records, e.g. the answer on Malicious
     Injection); ``""`` on clean records, and everywhere with ``mode="none"`` (right after the prompt)."""
-    if mode not in ("auto", "none"):
-        raise ProjLensError(f"prefix must be one of auto, none, got {mode!r}")
+    common.check_choice("prefix", mode, ("auto", "none"))
     out = [""] * len(records)
     ti = [i for i in range(len(records)) if triggered[i]]
     if mode == "auto" and ti:
@@ -337,8 +336,7 @@ class InjectionResult(Result):
           headline=("ft_model.asr", "inject.base.r1_0.r2_1.asr", "inject.base.r1_0.r2_2.asr"), passes=60.0)
 def injection(pair, params: InjectionParams = InjectionParams()) -> InjectionResult:
     """Rank-k injection heatmap and component removal (with placebos), batched through WithWeights."""
-    if params.prefix not in ("auto", "none"):
-        raise ProjLensError(f"prefix must be one of auto, none, got {params.prefix!r}")
+    common.check_choice("prefix", params.prefix, ("auto", "none"))
     if params.bias not in ("ft", "base"):
         raise ProjLensError(f"bias must be 'ft' or 'base', got {params.bias!r}")
     bad = [r for r in params.references if r not in ("base", "control")]

@@ -304,8 +304,7 @@ def neurons(pair, params: NeuronParams = NeuronParams()) -> NeuronResult:
     targets = [pair.target_of(r) for r in scan_in]
     x = h.encode(scan_in)
     max_new = params.max_new_tokens or common.auto_tokens(h, scan_in, targets)
-    if params.prefix not in ("auto", "none"):
-        raise ProjLensError(f"prefix must be one of auto, none, got {params.prefix!r}")
+    common.check_choice("prefix", params.prefix, ("auto", "none"))
     prefixes = (target_prefixes(h, x, targets, answers=[r.answer for r in scan_in], max_new_tokens=max_new)
                 if params.prefix == "auto" else None)
     tt = target_text(h, x, targets, prefixes, measure="first_prob")   # the scan's inputs: prompt + prefix + target
