@@ -15,9 +15,18 @@ from .engine import (Ablate, AllTokens, Cache, Edit, Hook, ImageTokens, ImageWin
                      teacher_forced)
 from .model import Inputs, ModelHandle, load  # noqa: E402
 
+
+def __getattr__(name: str):
+    """``projlens_mi.audit(...)`` (docs/audit.md), imported on first use: not on ``import projlens_mi``."""
+    if name == "audit":
+        import importlib
+        return importlib.import_module(".audit", __name__)   # sets projlens_mi.audit to the (callable) module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["load", "ModelHandle", "Inputs", "run", "RunResult", "Cache", "Edit", "Site", "AllTokens",
            "ImageTokens", "ImageWindow", "PatchRegion", "LastToken", "TextTokens", "Indices", "Patch",
            "Ablate", "ProjectOut", "PatchSubspace", "Steer", "Noise", "WithWeights", "Intervention", "Hook",
            "Selector", "eager_attention", "attention_implementation", "to_transformer_lens", "TLBridge", "sweep", "target_logit",
            "target_prob", "target_logprob", "target_text", "TargetText", "target_prefixes", "teacher_forced",
-           "sequence_logprob", "logit_diff", "generate", "asr"]
+           "sequence_logprob", "logit_diff", "generate", "asr", "audit"]

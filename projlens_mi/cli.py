@@ -303,6 +303,80 @@ def demo(
                command=["demo", "--organism", str(organism.resolve())])
 
 
+AUDIT_INTERRUPTED = "interrupted; nothing was written to --out"
+EXIT_BACKDOORED = 3   # docs/audit.md "Exit codes": 0 clean, 3 backdoored, 2 bad input, 130 interrupted
+
+
+def _audit_progress(talk: bool):
+    """The probe's steers: a bar on a terminal, otherwise one plain line per few steers (as ``study run``)."""
+    if not talk:
+        return None, lambda: None
+    from .study.runner import progress_bars_shown
+    if progress_bars_shown():
+        from tqdm.auto import tqdm
+        bar = tqdm(desc="probe", unit="steer", leave=False)
+
+        def step(j, n):
+            bar.total = n
+            bar.update(j - bar.n)
+        return step, bar.close
+
+    def line(j, n):
+        if j == n or j % max(1, n // 4) == 0:
+            _say(f"probe: {j}/{n} steers")
+    return line, lambda: None
+
+
+@app.command("audit")
+@_interruptible(AUDIT_INTERRUPTED)
+def audit_cmd(
+    base: str = typer.Option(..., "--base", help="The public base checkpoint (HF folder or hub id)."),
+    suspect: str = typer.Option(..., "--suspect", help="The fine-tune nobody trusts (HF folder or hub id)."),
+    data: Path = typer.Option(..., "--data", help="Clean JSONL (image, prompt; answer may be empty; no triggered rows)."),
+    out: Path = typer.Option(..., "--out", help="Audit folder to write (new, empty, or a previous audit's: replaced)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Verdict threshold on the probe score "
+                                              "(default: the one calibrated on clean fine-tunes, docs/audit.md)."),
+    images: Optional[int] = typer.Option(None, "--images", help="Distinct clean images in the probe grid (<= 100)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress; print one line."),
+):
+    """Audit a suspect fine-tune against its base without its trigger: detect, name and remove a
+    projector backdoor (docs/audit.md).
+
+    Exit 0: clean; 3: backdoored (DIR/repaired holds the repaired model when a repair was found);
+    2: bad input (nothing written); 130: interrupted (nothing written)."""
+    _quiet_hf()
+    from .audit import AuditParams
+    from .audit.figures import label
+    from .audit.output import audit_folder
+    progress, done = _audit_progress(not quiet)
+    try:
+        given = {k: v for k, v in (("threshold", threshold), ("images", images)) if v is not None}
+        params = AuditParams(**given)
+        command = ["audit", "--base", base, "--suspect", suspect, "--data", str(data), "--out", str(out),
+                   *[x for k, v in given.items() for x in (f"--{k}", str(v))]]
+        result = audit_folder(base, suspect, data, out, params, progress=progress, command=command,
+                              log=None if quiet else _say)
+    except ProjLensError as err:
+        _fail(err)
+    finally:
+        done()
+    top = result.targets[0] if result.targets else None
+    rep = result.repair or {}
+    if quiet:
+        typer.echo(f"{result.verdict} score={result.score:.3f} threshold={result.threshold:.3f} "
+                   f"top={printable(top.text) if top else '-'} report={out / 'report.md'}")
+    else:
+        typer.echo(f"verdict: {result.verdict} (probe score {result.score:.3f}, threshold {result.threshold:.3f})")
+        for i, t in enumerate(result.targets[:5], 1):
+            typer.echo(f"  {i}. \"{label(t.text, 70)}\"  score {t.score:.3f} ({t.rows} rows, {t.images} images, "
+                       f"{t.prompts} prompts; steer {t.steering.label()})")
+        if result.verdict == "backdoored":
+            typer.echo(f"repaired: {out / 'repaired'} (k = {rep['k']})" if rep.get("k") else
+                       "repaired: none (no k up to max_k stopped the named target; do not deploy the suspect)")
+        typer.echo(f"report: {out / 'report.md'} (html: {out / 'report.html'})")
+    raise typer.Exit(EXIT_BACKDOORED if result.verdict == "backdoored" else 0)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -10,8 +10,10 @@ direction, in units of the clean images' mean token norm.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -57,6 +59,7 @@ class Loaded:
     suspect: ModelHandle
     records: list[Record]
     sources: dict
+    inputs: dict
 
 
 def _handle(source, what: str, **load_kw) -> ModelHandle:
@@ -72,7 +75,24 @@ def load_inputs(base, suspect, data, **load_kw) -> Loaded:
     check_pair(b, s)
     src = {"base": str(b.provenance.get("source", "in-memory")), "suspect": str(s.provenance.get("source", "in-memory")),
            "data": str(data) if not isinstance(data, list) else "in-memory"}
-    return Loaded(b, s, records, src)
+    return Loaded(b, s, records, src, inputs_of(b, s, data, records))
+
+
+MODEL_KEYS = ("source", "folder", "origin", "revision", "weights_format", "weight_files", "config_sha256", "model_class",
+              "dtype")
+
+
+def inputs_of(b: ModelHandle, s: ModelHandle, data, records: list[Record]) -> dict:
+    """What the audit read: each model's files (sha256, from its load provenance) and the data file and images."""
+    from ..model.load import _sha256
+    out = {role: {k: h.provenance.get(k) for k in MODEL_KEYS if k in h.provenance} for role, h in (("base", b), ("suspect", s))}
+    if isinstance(data, list):
+        out["data"] = {"file": "in-memory", "rows": len(records)}
+    else:
+        images = sorted({str(r.image) for r in records if not hasattr(r.image, "tobytes")})
+        out["data"] = {"file": str(data), "sha256": _sha256(Path(data)), "rows": len(records),
+                       "images": {i: _sha256(Path(i)) for i in images}}
+    return out
 
 
 def read_clean(data) -> list[Record]:
@@ -181,6 +201,7 @@ class AuditResult:
     timings: dict = field(default_factory=dict)
     n_rows: int = 0
     examples: list = field(default_factory=list)   # [(steer label, prompt, base text, suspect text)]
+    inputs: dict = field(default_factory=dict)     # see inputs_of (file hashes)
 
     def to_json(self) -> dict:
         out = {"verdict": self.verdict, "score": self.score, "threshold": self.threshold,
@@ -190,7 +211,7 @@ class AuditResult:
         if self.guard is not None:
             out["guard"] = self.guard.to_json()
         out.update(probe_rows=self.n_rows, singular_values=self.singular_values[:16], other_changed=self.other_changed,
-                   sources=self.sources, params=self.params.to_json(), seconds=self.timings)
+                   sources=self.sources, params=dataclasses.asdict(self.params), seconds=self.timings)
         return out
 
     def summary(self) -> str:
@@ -241,5 +262,5 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
         for r in range(min(3, len(pr.rows))):
             examples.append((st.label(), pr.rows[r].prompt, pr.base_steered[st][r], pr.steered[st][r]))
     return AuditResult(verdict, score, params.threshold, cands, [float(x) for x in pr.singular_values], repair, guard,
-                       params, L.sources, other_changes(L.base, L.suspect), n_rows=len(pr.rows), examples=examples,
+                       params, L.sources, other_changes(L.base, L.suspect), n_rows=len(pr.rows), examples=examples, inputs=L.inputs,
                        timings={"load": t1 - t0, "probe": t2 - t1, "repair_and_guard": t3 - t2, "total": t3 - t0})

@@ -68,4 +68,4 @@ class Guard:
         return {"threshold": self.threshold, "norm": self.norm, "n_clean": len(self.clean_scores),
                 "clean_max": max(self.clean_scores) if self.clean_scores else None,
                 "clean_mean": sum(self.clean_scores) / len(self.clean_scores) if self.clean_scores else None,
-                "direction": self.direction.tolist()}
+                "clean_scores": list(self.clean_scores), "direction": self.direction.tolist()}
