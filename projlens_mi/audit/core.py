@@ -182,8 +182,8 @@ def run_probe(b: ModelHandle, s: ModelHandle, records: list[Record], p: AuditPar
 
 
 def score_probe(pr: Probe, steered: dict, p: AuditParams) -> list:
-    texts = pr.unsteered["base"] + pr.unsteered["suspect"]
-    return probe.candidates(steered, pr.base_steered, texts, pr.img_of, pr.prompt_of, p.min_words)
+    return probe.candidates(steered, pr.base_steered, pr.unsteered["base"], pr.unsteered["suspect"], pr.img_of,
+                            pr.prompt_of, p.min_words)
 
 
 @dataclass

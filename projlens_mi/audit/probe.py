@@ -100,16 +100,20 @@ def generate_rows(handle, batches, edits, max_new_tokens: int) -> list[str]:
     return out
 
 
-def candidates(steered: dict[Steering, list[str]], base_steered: dict[Steering, list[str]], unsteered: list[str],
-               img_of: list[int], prompt_of: list[int], min_words: int) -> list[Candidate]:
-    """The maximal new phrases of each steer, best first (score, then prompts, then length)."""
-    seen = set().union(*(phrases(t, min_words) for t in unsteered)) if unsteered else set()
+def candidates(steered: dict[Steering, list[str]], base_steered: dict[Steering, list[str]], base_plain: list[str],
+               suspect_plain: list[str], img_of: list[int], prompt_of: list[int], min_words: int) -> list[Candidate]:
+    """The maximal new phrases of each steer, best first (rows, then prompts, then length).
+
+    A phrase counts on a row when the steered suspect says it there and neither the base under the
+    same steer on that row, nor the unsteered suspect on that row, nor the unsteered base on any row
+    says it (a backdoor that sometimes fires on clean inputs still counts where the steer caused it)."""
+    seen = set().union(*(phrases(t, min_words) for t in base_plain)) if base_plain else set()
     n = len(img_of)
     found: dict[str, Candidate] = {}
     for st, texts in steered.items():
         rows_of = defaultdict(list)
         for r, (ts, tb) in enumerate(zip(texts, base_steered[st])):
-            for g in phrases(ts, min_words) - phrases(tb, min_words) - seen:
+            for g in phrases(ts, min_words) - phrases(tb, min_words) - phrases(suspect_plain[r], min_words) - seen:
                 rows_of[g].append(r)
         # keep a phrase only if no longer phrase that contains it is said on the same rows
         by_rows = defaultdict(list)
