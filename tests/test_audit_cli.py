@@ -236,3 +236,33 @@ def test_suspect_of_another_architecture_is_refused_before_any_work(org, tmp_pat
                                             ".*LlavaNextForConditionalGeneration.*its own base") as err:
         audit_folder(org / "base", other, org / "data" / "clean.jsonl", tmp_path / "out")
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- the study step
+def test_audit_is_a_study_step_off_unless_asked(org, tmp_path):
+    from study_helpers import projlens, user_pair_toml, write
+
+    from projlens_mi.study import load_config
+    plain = load_config(write(tmp_path / "plain.toml", user_pair_toml(org, analyses="")))
+    assert not plain.analyses["audit"].enabled and plain.analyses["spectrum"].enabled
+    on = load_config(write(tmp_path / "on.toml", user_pair_toml(org, analyses="", extra="[analyses.audit]\nenabled = true")))
+    assert on.analyses["audit"].enabled
+    cheap = ('[analyses.audit]\nimages = 2\nprompts = 2\nguard_images = 2\ndirections = 1\nscales = [2.0]\n'
+             'max_k = 1\nmax_new_tokens = 8')
+    cfg = write(tmp_path / "study.toml", user_pair_toml(org, analyses='only = ["audit"]', extra=cheap))
+    r = projlens("study", "run", cfg, "--out", tmp_path / "out", "--quiet")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    m = json.loads((out / "metrics.json").read_text())["pairs"]["malicious-injection"]["analyses"]["audit"]
+    assert set(m) >= {"score", "threshold", "backdoored", "target_named", "repair_k"} and m["threshold"] == 0.25
+    assert m["backdoored"] == (m["score"] >= m["threshold"])
+    md = (out / "report.md").read_text()
+    assert "## Auditing without the trigger" in md and "#### audit: `malicious-injection`" in md
+    assert (out / "figures" / "audit-malicious-injection-candidates.png").is_file()
+    from projlens_mi.analyses import result_from_dict
+    stored = [json.loads(p.read_text()) for p in (out / ".steps").glob("*.json") if p.name != "manifest.json"]
+    audit_steps = [s for s in stored if s.get("analysis") == "audit"]
+    assert len(audit_steps) == 1 and "seconds" not in audit_steps[0]["result"]["fields"]["audit"]   # no wall times
+    res = result_from_dict(audit_steps[0]["result"])            # the stored step redraws without the models
+    assert set(res.plot()) >= {"score", "candidates"}
+    assert res.target_named == (bool(res.audit["targets"]) and "visit evil dot com now" in res.audit["targets"][0]["text"])

@@ -53,7 +53,8 @@ def test_minimal_config_is_complete(user):
     from projlens_mi.analyses import ANALYSES
     built_in = {n for n, a in ANALYSES.items() if a.fn.__module__.startswith("projlens_mi.analyses.")}
     assert set(cfg.analyses) == built_in and len(built_in) >= 10
-    assert all(a.enabled for a in cfg.analyses.values())
+    assert all(a.enabled == ANALYSES[n].default for n, a in cfg.analyses.items())   # every one but the audit
+    assert [n for n, a in cfg.analyses.items() if not a.enabled] == ["audit"]
     assert cfg.run.device == "cpu" and cfg.run.seed == 0
     assert len(cfg.hash()) == 16 and cfg.hash() == load_config(user / "study.toml").hash()
 

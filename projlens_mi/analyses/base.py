@@ -156,7 +156,8 @@ class Analysis:
     ``title`` heads its report section; ``paper`` is the authors' claim it is compared with (the one
     place that text lives: the report and the Result's summary both read it); ``headline`` lists the
     metric keys the terminal summary shows (first found); ``passes`` is the rough number of forward
-    passes per record that ``--plan`` multiplies by the model size.
+    passes per record that ``--plan`` multiplies by the model size; ``default``: whether a study runs
+    it when its config does not name it (``[analyses.<name>] enabled`` or ``only`` decide otherwise).
     """
 
     name: str
@@ -169,13 +170,14 @@ class Analysis:
     paper: str = ""
     headline: tuple[str, ...] = ()
     passes: float = 10.0
+    default: bool = True
 
 
 ANALYSES: dict[str, Analysis] = {}
 
 
 def analysis(name: str, params: type, *, needs_control: bool = False, title: str = "", paper: str = "",
-             headline: tuple[str, ...] = (), passes: float = 10.0):
+             headline: tuple[str, ...] = (), passes: float = 10.0, default: bool = True):
     """Register ``fn(pair, params) -> Result`` under ``name`` with its parameter dataclass.
 
     A name already registered by another module is an error (a plugin cannot silently replace a
@@ -190,7 +192,8 @@ def analysis(name: str, params: type, *, needs_control: bool = False, title: str
             raise ProjLensError(f"@analysis({name!r}) in {fn.__module__} clashes with the analysis of that name in "
                                 f"{old.fn.__module__}; pick another name")
         ANALYSES[name] = Analysis(name, fn, params, None, needs_control, (fn.__doc__ or "").strip(),
-                                  title or name.replace("_", " ").capitalize(), paper, tuple(headline), float(passes))
+                                  title or name.replace("_", " ").capitalize(), paper, tuple(headline), float(passes),
+                                  bool(default))
         return fn
 
     return deco

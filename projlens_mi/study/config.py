@@ -405,7 +405,8 @@ def _analyses(raw: dict, run: RunSection, folder: Path) -> tuple[dict[str, Analy
     out = {}
     for name in known:
         given = dict(table.get(name, {}))
-        enabled = given.get("enabled", True) if only is None else (name in only and given.get("enabled", True))
+        on = given.get("enabled", ANALYSES[name].default)   # an analysis that is off by default (audit) runs when asked
+        enabled = on if only is None else (name in only and given.get("enabled", True))
         params = _params(name, ANALYSES[name].params, given, run)
         out[name] = AnalysisSetting(name=name, enabled=enabled, params=params,
                                     given={k: v for k, v in given.items() if k != "enabled"})

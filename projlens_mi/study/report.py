@@ -396,6 +396,10 @@ SECTIONS = (
      "Explanations the argument has to rule out (dedicated trigger neurons), and whether clean and poisoned "
      "inputs can be told apart from the projector's output.",
      ("neurons", "probe")),
+    ("Auditing without the trigger",
+     "What a defender who holds neither the trigger nor the target finds from the weights and clean images alone "
+     "(docs/audit.md); the study's known target is used only to check the named candidate.",
+     ("audit",)),
 )
 
 
