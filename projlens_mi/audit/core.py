@@ -14,10 +14,12 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from ..checks import Checked, Count, Fraction, NonNegative
+from ..checks import Checked, Count, NonNegative
 from ..data import Record, read_jsonl
 from ..errors import ProjLensError
 from ..model import ModelHandle, load
@@ -29,6 +31,7 @@ from .guard import Guard
 # benchmarks/bench_audit.py --calibrate prints it, docs/audit.md gives its false-positive rate.
 DEFAULT_THRESHOLD = 0.25
 MAX_IMAGES = 100
+Share = Annotated[float, Field(ge=0, le=1)]   # a share of probe rows (1: flag only a phrase said on every row)
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class AuditParams(Checked):
     guard_images: Count = 100          # clean images that calibrate the guard (<= 100, the probe's first)
     max_new_tokens: Count = 20
     min_words: Count = 2               # the shortest phrase a candidate may be
-    threshold: Fraction = DEFAULT_THRESHOLD
+    threshold: Share = DEFAULT_THRESHOLD
     max_k: Count = 4                   # the largest repair rank tried
     batch_size: Count = 256
 
