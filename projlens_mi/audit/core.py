@@ -46,6 +46,7 @@ class AuditParams(Checked):
     threshold: Share = DEFAULT_THRESHOLD
     max_k: Count = 4                   # the largest repair rank tried
     batch_size: Count = 256
+    trigger: bool = True               # reconstruct a trigger along the named direction (trigger.py; LLaVA-1.5 layout)
 
     def __post_init__(self):
         super().__post_init__()
@@ -205,6 +206,7 @@ class AuditResult:
     n_rows: int = 0
     examples: list = field(default_factory=list)   # [(steer label, prompt, base text, suspect text)]
     inputs: dict = field(default_factory=dict)     # see inputs_of (file hashes)
+    trigger: object = None              # trigger.TriggerResult when backdoored and params.trigger
 
     def to_json(self) -> dict:
         out = {"verdict": self.verdict, "score": self.score, "threshold": self.threshold,
@@ -213,6 +215,8 @@ class AuditResult:
             out["repair"] = {k: v for k, v in self.repair.items() if k != "weights"}
         if self.guard is not None:
             out["guard"] = self.guard.to_json()
+        if self.trigger is not None:
+            out["trigger"] = self.trigger.to_json()
         out.update(probe_rows=self.n_rows, singular_values=self.singular_values[:16], other_changed=self.other_changed,
                    sources=self.sources, params=dataclasses.asdict(self.params), seconds=self.timings)
         return out
@@ -248,6 +252,9 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
     from . import repair as rep
     t0 = time.perf_counter()
     L = load_inputs(base, suspect, data, **load_kw)
+    if params.trigger:
+        from .trigger import check_layout
+        check_layout(L.suspect)
     t1 = time.perf_counter()
     pr = run_probe(L.base, L.suspect, L.records, params, progress)
     cands = score_probe(pr, pr.steered, params)
@@ -259,6 +266,12 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
         repair = rep.choose(L.suspect, pr, cands, params, weights(L.base))
         guard = Guard.fit(L.suspect, L.records, pr, cands[0], params)
     t3 = time.perf_counter()
+    trig = None
+    if verdict == "backdoored" and params.trigger:
+        from . import trigger as tr
+        trig = tr.reconstruct(L.suspect, L.records, guard, tr.TriggerParams(max_new_tokens=params.max_new_tokens),
+                              target=cands[0].text, base=L.base, prompts=tr.said_prompts(pr, cands[0]))
+    t4 = time.perf_counter()
     examples = []
     if cands:
         st = cands[0].steering
@@ -266,4 +279,5 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
             examples.append((st.label(), pr.rows[r].prompt, pr.base_steered[st][r], pr.steered[st][r]))
     return AuditResult(verdict, score, params.threshold, cands, [float(x) for x in pr.singular_values], repair, guard,
                        params, L.sources, other_changes(L.base, L.suspect), n_rows=len(pr.rows), examples=examples, inputs=L.inputs,
-                       timings={"load": t1 - t0, "probe": t2 - t1, "repair_and_guard": t3 - t2, "total": t3 - t0})
+                       trigger=trig, timings={"load": t1 - t0, "probe": t2 - t1, "repair_and_guard": t3 - t2,
+                                              "trigger": t4 - t3, "total": t4 - t0})
