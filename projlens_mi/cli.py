@@ -337,6 +337,8 @@ def audit_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Verdict threshold on the probe score "
                                               "(default: the one calibrated on clean fine-tunes, docs/audit.md)."),
     images: Optional[int] = typer.Option(None, "--images", help="Distinct clean images in the probe grid (<= 100)."),
+    no_trigger: bool = typer.Option(False, "--no-trigger", help="Skip the trigger reconstruction (needed for "
+                                    "families other than LLaVA-1.5)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress; print one line."),
 ):
     """Audit a suspect fine-tune against its base without its trigger: detect, name and remove a
@@ -351,9 +353,9 @@ def audit_cmd(
     progress, done = _audit_progress(not quiet)
     try:
         given = {k: v for k, v in (("threshold", threshold), ("images", images)) if v is not None}
-        params = AuditParams(**given)
+        params = AuditParams(**given, trigger=not no_trigger)
         command = ["audit", "--base", base, "--suspect", suspect, "--data", str(data), "--out", str(out),
-                   *[x for k, v in given.items() for x in (f"--{k}", str(v))]]
+                   *[x for k, v in given.items() for x in (f"--{k}", str(v))], *(["--no-trigger"] if no_trigger else [])]
         result = audit_folder(base, suspect, data, out, params, progress=progress, command=command,
                               log=None if quiet else _say)
     except ProjLensError as err:

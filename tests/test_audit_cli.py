@@ -76,6 +76,7 @@ def test_cli_prints_the_verdict_and_writes_the_folder(cli_run, org):
     for name in ("score", "candidates"):
         assert (out / "figures" / f"{name}.png").is_file() and f"figures/{name}.png" in md
     assert html.count("data:image/png;base64,") == len(list((out / "figures").iterdir()))
+    assert (out / "trigger.png").is_file() == (out / "figures" / "trigger.png").is_file() == ("trigger" in data)
     assert not leftovers(out.parent)
 
 

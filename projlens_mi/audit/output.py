@@ -1,4 +1,5 @@
-"""The audit folder: ``audit.json``, ``repaired/``, ``provenance.json``, ``report.md``, ``report.html``, ``figures/``.
+"""The audit folder: ``audit.json``, ``repaired/``, ``provenance.json``, ``report.md``, ``report.html``, ``figures/``,
+``trigger.png`` (the reconstructed trigger, when one was; audit/trigger.py).
 
 ``write_audit(result, suspect, out)`` writes it all into a side folder next to ``out`` and renames
 that into place only when everything was written: a reader never sees half an audit, and an
@@ -25,7 +26,7 @@ from ..errors import ProjLensError, printable
 from .core import AuditParams, AuditResult, audit, read_clean
 
 SCHEMA = "projlens_mi.audit/1"
-FILES = ("audit.json", "provenance.json", "report.md", "report.html", "figures", "repaired")
+FILES = ("audit.json", "provenance.json", "report.md", "report.html", "figures", "repaired", "trigger.png")
 DOCS = "docs/audit.md"
 
 
@@ -99,6 +100,11 @@ def write_audit(result: AuditResult, suspect, out: str | Path, *, calibration: l
             path.parent.mkdir(exist_ok=True)
             path.write_bytes(_fig_bytes(fig))
             figures[name] = f"figures/{name}.png"
+        if result.trigger is not None:   # the trigger as an image to apply (audit/trigger.py), and its figure
+            result.trigger.trigger.png().save(stage / "trigger.png")
+            (stage / "figures").mkdir(exist_ok=True)
+            (stage / "figures" / "trigger.png").write_bytes(_fig_bytes(result.trigger.plot()))
+            figures["trigger"] = "figures/trigger.png"
         atomic_write_text(stage / "audit.json", json.dumps(data, indent=2, allow_nan=False, default=str))
         atomic_write_text(stage / "provenance.json",
                           json.dumps(provenance(result, files, command), indent=2, default=str))

@@ -171,18 +171,6 @@ class TriggerResult:
         fig.tight_layout()
         return fig
 
-    def save(self, folder) -> dict:
-        """``trigger.png`` and ``trigger-figure.png`` in ``folder``; returns their names."""
-        from pathlib import Path
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.trigger.png().save(folder / "trigger.png")
-        import matplotlib.pyplot as plt
-        fig = self.plot()
-        fig.savefig(folder / "trigger-figure.png", dpi=120)
-        plt.close(fig)
-        return {"trigger": "trigger.png", "figure": "trigger-figure.png"}
-
 
 def _wrap(text: str, width: int = 22) -> str:
     words, lines, cur = text.split(), [], ""
@@ -243,7 +231,8 @@ def check_layout(handle) -> None:
             or getattr(cfg, "vision_feature_select_strategy", None) not in ("default", "full"):
         raise ProjLensError(f"trigger reconstruction supports the LLaVA-1.5 layout (family 'llava', one int "
                             f"vision_feature_layer); this model is {type(handle.model).__name__} (family "
-                            f"'{handle.adapter.family}'): run the audit with trigger=False")
+                            f"'{handle.adapter.family}'): run the audit with AuditParams(trigger=False) "
+                            "(CLI: --no-trigger)")
 
 
 def features(handle, x: torch.Tensor) -> torch.Tensor:
