@@ -124,12 +124,14 @@ class TriggerResult:
     seconds: float = 0.0
     examples: list = field(default_factory=list)   # [(clean uint8 view, triggered uint8 view, suspect's text)]
     by_kind: dict = field(default_factory=dict)    # kind -> Trigger: both optimised triggers
+    prompts: list = field(default_factory=list)    # asked of the held-out images in turn
 
     def to_json(self) -> dict:
         return {"kind": self.trigger.kind, "trigger": self.trigger.to_json(), "target": self.target,
                 "asr": self.asr, "asr_control": self.asr_control, "asr_base": self.asr_base,
                 "asr_clean": self.asr_clean, "asr_by_kind": self.asr_by_kind, "objective": self.objective,
-                "n_optimised": self.n_optimised, "n_heldout": self.n_heldout, "params": asdict(self.params),
+                "n_optimised": self.n_optimised, "n_heldout": self.n_heldout, "prompts": self.prompts,
+                "params": asdict(self.params),
                 "seconds": self.seconds}
 
     def summary(self) -> str:
@@ -420,7 +422,7 @@ def reconstruct(suspect, records: list[Record], guard_or_direction, params: Trig
     shown = trig.on_view(view_held[:4])
     examples = [(view_held[i], shown[i], outs[kind][i] if outs else "") for i in range(len(shown))]
     return TriggerResult(trig, target, obj, asr, asr_control, asr_base, asr_clean, asr_by_kind, n_opt,
-                         len(view_held), params, time.perf_counter() - t0, examples, found)
+                         len(view_held), params, time.perf_counter() - t0, examples, found, list(prompts))
 
 
 def said_prompts(pr, cand) -> list[str]:
