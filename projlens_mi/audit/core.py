@@ -131,12 +131,14 @@ def other_changes(b: ModelHandle, s: ModelHandle) -> list[str]:
     """Names of non-projector tensors that differ between base and suspect (the audit does not examine them)."""
     from ..analyses.common import linear_paths
     proj = tuple(p + "." for p in linear_paths(b))
+    from ..model.placement import weight_of
     sb = dict(b.model.named_parameters())
+    real = lambda m, n: weight_of(m.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]).cpu()  # noqa: E731
     out = []
-    for name, t in s.model.named_parameters():
-        if name.startswith(proj) or name not in sb or t.device.type == "meta" or sb[name].device.type == "meta":
+    for name, t in s.model.named_parameters():   # one tensor at a time, read through accelerate when offloaded
+        if name.startswith(proj) or name not in sb:
             continue
-        if t.shape != sb[name].shape or not torch.equal(t.detach().cpu(), sb[name].detach().cpu()):
+        if t.shape != sb[name].shape or not torch.equal(real(s.model, name), real(b.model, name)):
             out.append(name)
     return out
 

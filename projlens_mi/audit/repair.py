@@ -120,6 +120,7 @@ def write_repaired(handle, repair: dict, out: str | Path) -> dict:
     """The suspect with the repaired weights as a normal HF folder at ``out`` (written to a side
     folder, then renamed into place); returns ``{file: sha256}``. The handle's model is not modified."""
     from ..model.load import _sha256
+    from ..model.placement import state_dict_of
     if not repair.get("weights"):
         raise ProjLensError("nothing to write: the repair found no k that stops the named target")
     out = check_writable_folder(out, "repaired folder")
@@ -132,10 +133,8 @@ def write_repaired(handle, repair: dict, out: str | Path) -> dict:
         new[f"{p}.weight"] = w
         if b is not None:
             new[f"{p}.bias"] = b
-    for name, t in model.state_dict().items():
-        if name in new:
-            t = new[name].to(dtype=t.dtype, device="cpu")
-        state[name] = t.detach().cpu()
+    for name, t in state_dict_of(model).items():   # real tensors, also when the suspect is offloaded
+        state[name] = new[name].to(dtype=t.dtype) if name in new else t
     if len([n for n in new if n in state]) != len(new):
         raise ProjLensError(f"cannot find {', '.join(n for n in new if n not in state)} in the suspect's state dict")
     model.save_pretrained(tmp, state_dict=state)

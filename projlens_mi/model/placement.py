@@ -78,6 +78,18 @@ def weight_of(module: torch.nn.Module, name: str = "weight") -> Tensor | None:
         return getattr(module, name).detach().clone()
 
 
+def state_dict_of(model: torch.nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` as real CPU tensors, also where accelerate offloaded them (``meta`` entries are
+    read module by module through ``weight_of``)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta":
+            owner, _, attr = name.rpartition(".")
+            t = weight_of(model.get_submodule(owner), attr)
+        out[name] = t.detach().cpu()
+    return out
+
+
 def like(t: Tensor, act: Tensor) -> Tensor:
     """``t`` on ``act``'s device and dtype (sources, bases and directions meet activations where they live)."""
     return t.to(device=act.device, dtype=act.dtype)
