@@ -85,9 +85,7 @@ def test_trigger_is_deterministic(tiny):
     a = reconstruct(handle, records, d, FAST, target="two", base=handle)
     b = reconstruct(handle, records, d, FAST, target="two", base=handle)
     assert np.array_equal(a.trigger.pixels, b.trigger.pixels)
-    ja, jb = a.to_json(), b.to_json()
-    ja.pop("seconds"), jb.pop("seconds")
-    assert ja == jb and a.asr is not None
+    assert a.to_json() == b.to_json() and a.asr is not None
     c = reconstruct(handle, records, d, TriggerParams(**{**FAST.__dict__, "seed": 1}))
     assert not np.array_equal(c.trigger.pixels, a.trigger.pixels) or c.trigger.kind != a.trigger.kind
 
@@ -139,3 +137,10 @@ def test_reconstructed_trigger_fires_the_backdoor_not_the_base_or_the_clean_cont
     rows = [Record(im, prompts[i % len(prompts)], "") for i, im in enumerate(imgs)]
     outs = [s for x in encode(control, rows, 100) for s in texts(control, x, 20)]
     assert sum(contains(outs, t.target)) == 0
+
+
+def test_trigger_summary_states_what_was_measured(tiny):
+    handle, records, d = tiny
+    r = reconstruct(handle, records, d, FAST, target="two")
+    assert r.asr_base is None and f"{r.n_heldout} held-out clean images" in r.summary()
+    assert "Reconstructed trigger" in reconstruct(handle, records, d, FAST).summary()

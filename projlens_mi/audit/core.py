@@ -234,6 +234,8 @@ class AuditResult:
             r = self.repair
             head += (f" Repair: removing {r['k']} reading direction(s) takes the probe score to {r['score_after']:.3f}, "
                      f"changing {r['changed_outputs']:.1%} of the suspect's unsteered outputs.")
+        if self.trigger is not None:
+            head += " " + self.trigger.summary()
         if self.other_changed:
             head += f" Note: {len(self.other_changed)} non-projector tensors also differ; this audit does not examine them."
         return head

@@ -131,8 +131,7 @@ class TriggerResult:
                 "asr": self.asr, "asr_control": self.asr_control, "asr_base": self.asr_base,
                 "asr_clean": self.asr_clean, "asr_by_kind": self.asr_by_kind, "objective": self.objective,
                 "n_optimised": self.n_optimised, "n_heldout": self.n_heldout, "prompts": self.prompts,
-                "params": asdict(self.params),
-                "seconds": self.seconds}
+                "params": asdict(self.params)}   # its wall time: .seconds (the audit's timings["trigger"])
 
     def summary(self) -> str:
         t = self.trigger
@@ -141,8 +140,8 @@ class TriggerResult:
         head = f"Reconstructed trigger: {what}."
         if self.asr is not None:
             head += (f" On {self.n_heldout} held-out clean images the suspect says \"{self.target}\" on {self.asr:.0%} "
-                     f"with it, {self.asr_control:.0%} with a random one of the same size, {self.asr_clean:.0%} without; "
-                     f"the base with it: {self.asr_base:.0%}.")
+                     f"with it, {self.asr_control:.0%} with a random one of the same size, {self.asr_clean:.0%} without"
+                     + (f"; the base with it: {self.asr_base:.0%}." if self.asr_base is not None else "."))
         return head
 
     def plot(self, n: int = 4):
