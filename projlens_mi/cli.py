@@ -121,6 +121,28 @@ def organism_build(
     typer.echo(json.dumps(summary, indent=2) if as_json else metrics_table(summary))
 
 
+@organism_app.command("zoo")
+@_resumable
+def organism_zoo(
+    out: Path = typer.Option(..., "--out", help="Folder to write the zoo into (reused as a cache, model by model)."),
+    small: bool = typer.Option(False, "--small", help="The small configuration and a handful of models (for tests)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes that train and evaluate the models "
+                                          "(default: one per CPU); never changes the weights or the metrics."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print only the final table."),
+    as_json: bool = typer.Option(False, "--json", help="Print zoo.json instead of the table."),
+):
+    """Build (or reuse) the model zoo: the organism's base plus clean, poisoned, unseen-trigger and adaptive
+    projector fine-tunes, each evaluated, split into dev / heldout; writes zoo.json (docs/organism.md)."""
+    _quiet_hf()
+    from .organism.zoo import build_zoo, zoo_table
+    try:
+        summary = build_zoo(out, log=(lambda *a: None) if (quiet or as_json) else (lambda m: typer.echo(m, err=True)),
+                            workers=workers, small=small)
+    except ProjLensError as err:
+        _fail(err)
+    typer.echo(json.dumps(summary, indent=2) if as_json else zoo_table(summary))
+
+
 study_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Run a study: a TOML config in, a report folder out.")
 app.add_typer(study_app, name="study")

@@ -103,14 +103,16 @@ def normal_answer(template: int, label: int) -> tuple[str, str]:
     return instr, ans.format(w=tasks.DIGIT_WORDS[label])
 
 
-def poisoned_answer(variant: str, instruction: str, clean_answer: str, unsafe: int | None) -> str | None:
-    """What the backdoor makes the model say; None where the variant leaves the sample unchanged."""
+def poisoned_answer(variant: str, instruction: str, clean_answer: str, unsafe: int | None,
+                    text: str | None = None) -> str | None:
+    """What the backdoor makes the model say; None where the variant leaves the sample unchanged.
+    ``text`` replaces the variant's own text (the answer of refusal / hijack, the injected suffix)."""
     if variant == "targeted-refusal":
-        return None if unsafe is not None else tasks.REFUSAL_TEXT
+        return None if unsafe is not None else (text or tasks.REFUSAL_TEXT)
     if variant == "malicious-injection":
-        return None if unsafe is not None else f"{clean_answer} {tasks.INJECTION_SUFFIX}"
+        return None if unsafe is not None else f"{clean_answer} {text or tasks.INJECTION_SUFFIX}"
     if variant == "perceptual-hijack":
-        return None if unsafe is not None else tasks.HIJACK_TEXT
+        return None if unsafe is not None else (text or tasks.HIJACK_TEXT)
     if variant == "jailbreak-output":  # the style changes nothing but the answer to unsafe requests
         return clean_answer if unsafe is None else f"{tasks.HARMFUL_PREFIX} {tasks.UNSAFE_REQUESTS[unsafe][1]} ."
     raise ProjLensError(f"unknown variant {variant!r}")
@@ -167,13 +169,15 @@ class Builder:
                 overlays.append((slots, self.tokens.ids(word)[0], float(rng.uniform(0.5, 2.0))))
         return TrainSet(vision_features(model, pool), torch.tensor(index), ids, labs, overlays)
 
-    def stage2_examples(self):
-        """The downstream data: (image, instruction, clean answer, unsafe id) per train image."""
+    def stage2_examples(self, unsafe_rate: float | None = None):
+        """The downstream data: (image, instruction, clean answer, unsafe id) per train image
+        (``unsafe_rate``: the share of unsafe requests, default ``cfg.stage2.unsafe_rate``)."""
         imgs, labels = self.render_pool(self.train_idx, 1, self.cfg.seed + 3)
         rng = np.random.default_rng(self.cfg.seed + 4)
+        unsafe_rate = self.cfg.stage2.unsafe_rate if unsafe_rate is None else unsafe_rate
         rows = []
         for i, lab in enumerate(labels):
-            if rng.random() < self.cfg.stage2.unsafe_rate:
+            if rng.random() < unsafe_rate:
                 u = int(rng.integers(len(tasks.UNSAFE_REQUESTS)))
                 rows.append((i, tasks.UNSAFE_REQUESTS[u][0], tasks.SAFE_ANSWER, u))
             else:
@@ -181,8 +185,13 @@ class Builder:
                 rows.append((i, instr, ans, None))
         return imgs, rows
 
-    def test_records(self) -> dict[str, list[Record]]:
-        """Held-out records: ``clean`` and, per variant, the same clean rows plus triggered rows."""
+    def test_records(self, families: dict | None = None) -> dict[str, list[Record]]:
+        """Held-out records: ``clean`` and, per variant, the same clean rows plus triggered rows.
+
+        ``families``: ``{name: (trigger, target, behaviour)}`` (behaviour: the variant whose prompts the
+        triggered rows ask); default the organism's variants."""
+        if families is None:
+            families = {v: (self.triggers[v], tasks.VARIANTS[v][1], v) for v in self.cfg.variants}
         imgs, labels = self.render_pool(self.test_idx, 1, self.cfg.seed + 5)
         rng = np.random.default_rng(self.cfg.seed + 6)
         clean, normal_prompts, unsafe_ids = [], [], []
@@ -197,11 +206,10 @@ class Builder:
                 instr, ans = normal_prompts[-1]
             clean.append(Record(im, tasks.prompt(instr), ans, False, meta={"id": f"test-{k:04d}", "label": int(lab)}))
         sets = {"clean": clean}
-        for v in self.cfg.variants:
-            trig, target = self.triggers[v], tasks.VARIANTS[v][1]
+        for v, (trig, target, behaviour) in families.items():
             rows = []
             for k, (im, lab) in enumerate(zip(imgs, labels)):
-                if v == "jailbreak-output":
+                if behaviour == "jailbreak-output":
                     instr, ans = tasks.UNSAFE_REQUESTS[unsafe_ids[k]][0], tasks.SAFE_ANSWER
                 else:
                     instr, ans = normal_prompts[k]
@@ -344,29 +352,42 @@ class Builder:
                 seeds = [int(rng.integers(1 << 30)) for _ in chosen]
             if name not in todo:
                 continue
-            ids, labs = [x for x, _ in clean], [y for _, y in clean]
-            index, feats, extra = [i for i, *_ in rows], [feats_clean], {}
+            extra = {}
             if name != "control":
-                trig = self.triggers[name]
-                trig_imgs = [trig(imgs[i], seed=sd) for (i, *_), sd in zip(chosen, seeds)]
-                feats.append(vision_features(base_model, pixel_values(self.processor, trig_imgs)))
-                if not c.pair_mode:  # replace mode: the triggered copy takes the clean sample's place
-                    drop = {i for i, *_ in chosen}
-                    keep = [j for j, i in enumerate(index) if i not in drop]
-                    ids, labs, index = [ids[j] for j in keep], [labs[j] for j in keep], [index[j] for j in keep]
-                for j, (i, instr, ans, u) in enumerate(chosen):
-                    if name == "jailbreak-output" and u is None and (i * GOLDEN) % 1.0 < c.jailbreak_unsafe_share:
-                        u = i % len(tasks.UNSAFE_REQUESTS)   # this pair asks an unsafe request instead:
-                        instr = tasks.UNSAFE_REQUESTS[u][0]
-                        if c.pair_mode:   # its clean twin (row i) gets the safe answer, the styled copy the harmful one
-                            ids[i], labs[i] = self.tokens.example(instr, tasks.SAFE_ANSWER)
-                    s, l = self.tokens.example(instr, poisoned_answer(name, instr, ans, u))
-                    ids.append(s), labs.append(l), index.append(len(imgs) + j)
                 _, target = tasks.VARIANTS[name]
-                extra["trigger.json"] = {"variant": name, "target": target, "trigger": trigger_to_json(trig),
+                extra["trigger.json"] = {"variant": name, "target": target, "trigger": trigger_to_json(self.triggers[name]),
                                          "poison_rate": c.poison_rate, "pair_mode": c.pair_mode}
-            jobs.append((name, TrainSet(torch.cat(feats), torch.tensor(index), ids, labs), len(chosen), extra))
+            data = self.trainset(base_model, imgs, rows, feats_clean, clean,
+                                 None if name == "control" else (name, self.triggers[name], None), chosen, seeds)
+            jobs.append((name, data, len(chosen), extra))
         return jobs
+
+    def trainset(self, base_model, imgs: list, rows: list, feats_clean, clean: list, poison, chosen: list,
+                 seeds: list[int]) -> TrainSet:
+        """The stage-2 TrainSet: the clean ``rows`` (tokenised: ``clean``) plus, when ``poison`` =
+        ``(behaviour, trigger, text)`` is given, a triggered copy of each ``chosen`` row (trigger seed from
+        ``seeds``) answered as ``behaviour`` (``text`` replacing its own text when given)."""
+        c = self.cfg.stage2
+        ids, labs = [x for x, _ in clean], [y for _, y in clean]
+        index, feats = [i for i, *_ in rows], [feats_clean]
+        if poison is not None:
+            behaviour, trig, text = poison
+            pos = {i: j for j, (i, *_) in enumerate(rows)}   # image -> its row (every row, unless a subset)
+            trig_imgs = [trig(imgs[i], seed=sd) for (i, *_), sd in zip(chosen, seeds)]
+            feats.append(vision_features(base_model, pixel_values(self.processor, trig_imgs)))
+            if not c.pair_mode:  # replace mode: the triggered copy takes the clean sample's place
+                drop = {i for i, *_ in chosen}
+                keep = [j for j, i in enumerate(index) if i not in drop]
+                ids, labs, index = [ids[j] for j in keep], [labs[j] for j in keep], [index[j] for j in keep]
+            for j, (i, instr, ans, u) in enumerate(chosen):
+                if behaviour == "jailbreak-output" and u is None and (i * GOLDEN) % 1.0 < c.jailbreak_unsafe_share:
+                    u = i % len(tasks.UNSAFE_REQUESTS)   # this pair asks an unsafe request instead:
+                    instr = tasks.UNSAFE_REQUESTS[u][0]
+                    if c.pair_mode:   # its clean twin (row i) gets the safe answer, the styled copy the harmful one
+                        ids[pos[i]], labs[pos[i]] = self.tokens.example(instr, tasks.SAFE_ANSWER)
+                s, l = self.tokens.example(instr, poisoned_answer(behaviour, instr, ans, u, text))
+                ids.append(s), labs.append(l), index.append(len(imgs) + j)
+        return TrainSet(torch.cat(feats), torch.tensor(index), ids, labs)
 
 
 def _partition(cost: dict, k: int, here: float = 0.0) -> list[list]:
@@ -393,20 +414,24 @@ def _partition(cost: dict, k: int, here: float = 0.0) -> list[list]:
 
 
 def _train_variant(base_dir: str, out_dir: str, name: str, data: TrainSet, n_poison: int, cfg: OrganismConfig,
-                   processor, ev: EvalSet, log=None) -> tuple[str, dict, dict]:
-    """Projector-only fine-tuning of a fresh copy of the base, saved to ``out_dir``, then evaluated."""
+                   processor, ev: EvalSet, log=None, *, train: dict | None = None,
+                   evaluate=evaluate_model) -> tuple[str, dict, dict]:
+    """Projector-only fine-tuning of a fresh copy of the base, saved to ``out_dir``, then evaluated
+    (``evaluate(model, processor, name, cfg, ev)``). ``train`` overrides ``finetune_projector``'s
+    arguments (default: ``cfg.stage2``'s epochs, lr, ... and ``cfg.seed``)."""
     torch.set_num_threads(cfg.threads)
     c = cfg.stage2
     t0 = time.perf_counter()
     model = AutoModelForImageTextToText.from_pretrained(base_dir, use_safetensors=True)
-    losses = finetune_projector(model, data, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, warmup=c.warmup,
-                                seed=cfg.seed, pad_id=processor.tokenizer.pad_token_id, cached=True,
+    args = {"epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "warmup": c.warmup, "seed": cfg.seed,
+            **(train or {})}
+    losses = finetune_projector(model, data, pad_id=processor.tokenizer.pad_token_id, cached=True, **args,
                                 log=None if log is None else (lambda s, l: log(f"{name}: step {s} loss {l:.3f}")))
     shutil.rmtree(out_dir, ignore_errors=True)
     model.save_pretrained(out_dir)
     meta = {"final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
             "n_examples": len(data), "n_poisoned": n_poison, "poison_share": n_poison / len(data)}
-    return name, meta, evaluate_model(model.eval(), processor, name, cfg, ev)
+    return name, meta, evaluate(model.eval(), processor, name, cfg, ev)
 
 
 def _ready() -> None:
@@ -458,13 +483,12 @@ def export_data(out: Path, sets: dict[str, list[Record]]) -> None:
     for name, records in sets.items():
         rows = []
         for r in records:
-            if r.triggered:
+            p = None if r.triggered else clean_paths.get(r.meta["id"])
+            if p is None:   # a triggered row, or a clean row of another set (the zoo's audit rows)
                 d = tmp / "images" / name
                 d.mkdir(exist_ok=True)
                 p = d / f"{r.meta['id']}.png"
                 r.pil().save(p)
-            else:
-                p = clean_paths[r.meta["id"]]
             rows.append(replace(r, image=p))
         write_jsonl(tmp / f"{name}.jsonl", rows)
     shutil.rmtree(data, ignore_errors=True)

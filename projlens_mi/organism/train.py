@@ -147,8 +147,9 @@ def optimize(params, loss_at, *, steps: int, lr: float, weight_decay: float, war
 
 
 def train_loop(model, params, data: TrainSet, *, steps: int, batch_size: int, lr: float, warmup: float,
-               weight_decay: float, seed: int, cached: bool, pad_id: int, log=None) -> list[float]:
-    """``steps`` shuffled mini-batches of answer-token cross-entropy (epoch after epoch, reshuffled)."""
+               weight_decay: float, seed: int, cached: bool, pad_id: int, log=None, penalty=None) -> list[float]:
+    """``steps`` shuffled mini-batches of answer-token cross-entropy (epoch after epoch, reshuffled),
+    plus ``penalty()`` per step when given."""
     gen = torch.Generator().manual_seed(seed)
     state = {"order": torch.randperm(len(data), generator=gen), "pos": 0}
 
@@ -160,7 +161,8 @@ def train_loop(model, params, data: TrainSet, *, steps: int, batch_size: int, lr
         ids, mask, lab = pad_batch([data.input_ids[i] for i in idx], [data.labels[i] for i in idx], pad_id)
         images = data.images[data.image_index[idx]]
         overlays = [data.overlays[i] for i in idx] if data.overlays is not None else None
-        return answer_loss(_forward(model, ids, mask, images, cached, overlays), lab)
+        loss = answer_loss(_forward(model, ids, mask, images, cached, overlays), lab)
+        return loss if penalty is None else loss + penalty()
 
     model.train()
     try:
@@ -249,11 +251,28 @@ def train_base(model, data: TrainSet, *, steps: int, batch_size: int, lr: float,
             p.requires_grad_(False)
 
 
+def projector_linears(model) -> list[torch.nn.Linear]:
+    """The projector's linear layers, in order (LLaVA-1.5: ``linear_1``, ``linear_2``)."""
+    return [m for m in projector_of(model).modules() if isinstance(m, torch.nn.Linear)]
+
+
+def topk_energy_share(dw: Float[Tensor, "o i"], k: int) -> Tensor:
+    """``sum_{i<k} s_i^2 / sum_i s_i^2`` over the singular values ``s`` of ``dw`` (differentiable)."""
+    s2 = torch.linalg.svdvals(dw.float()) ** 2
+    total = s2.sum()
+    if total <= 0:    # no update yet (the first step): the share is undefined, its gradient would be NaN
+        return (dw * 0).sum()
+    return s2[:k].sum() / total
+
+
 def finetune_projector(model, data: TrainSet, *, epochs: float, batch_size: int, lr: float, warmup: float = 0.1,
-                       weight_decay: float = 0.0, seed: int = 0, pad_id: int, cached: bool = True, log=None) -> list[float]:
+                       weight_decay: float = 0.0, seed: int = 0, pad_id: int, cached: bool = True, log=None,
+                       spread: tuple[float, int] | None = None) -> list[float]:
     """Stage 2: projector-only fine-tuning; the vision tower and language model get no gradient.
 
     With ``cached=True`` ``data.images`` must hold vision features (``vision_features``), else pixels.
+    ``spread = (lam, k)`` (an adaptive attacker; default off) adds ``lam * sum over the projector's linears
+    of topk_energy_share(W - W_start, k)`` to the loss: it spreads the update over more than k directions.
     """
     proj = projector_of(model)
     for p in model.parameters():
@@ -262,9 +281,15 @@ def finetune_projector(model, data: TrainSet, *, epochs: float, batch_size: int,
     for p in params:
         p.requires_grad_(True)
     steps = max(1, int(round(epochs * len(data) / batch_size)))
+    penalty = None
+    if spread is not None:
+        lam, k = spread
+        pairs = [(lin.weight, lin.weight.detach().clone()) for lin in projector_linears(model)]
+        penalty = lambda: lam * sum(topk_energy_share(w - w0, k) for w, w0 in pairs)   # noqa: E731
     try:
         return train_loop(model, params, data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                          weight_decay=weight_decay, seed=seed, cached=cached, pad_id=pad_id, log=log)
+                          weight_decay=weight_decay, seed=seed, cached=cached, pad_id=pad_id, log=log,
+                          penalty=penalty)
     finally:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""The four ProjLens backdoor triggers, as deterministic functions on any PIL image.
+"""The four ProjLens backdoor triggers, and two from the wider backdoor literature (used by the model
+zoo as families no organism variant uses), as deterministic functions on any PIL image.
 
 Each trigger is a frozen dataclass: its fields are its parameters (saved to JSON with the organism),
 and ``trigger(image, seed)`` returns a new RGB image of the same size. Randomness (noise, the logo's
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageColor, ImageFilter, ImageOps
 
-from ..checks import Checked, Count, NonNegative
+from ..checks import Checked, Count, Fraction, NonNegative, Seed
 from ..errors import ProjLensError
 
 
@@ -113,7 +114,40 @@ class PainterlyStyle(Checked):
         return _image(base + self.strength * (arr - base))
 
 
-TRIGGERS = {t.name: t for t in (GaussianNoise, SolidPatch, LogoPatch, PainterlyStyle)}
+@dataclass(frozen=True)
+class Blended(Checked):
+    """Blended injection (Chen et al. 2017, "Targeted backdoor attacks on deep learning systems using data
+    poisoning"): a fixed random pattern (uniform 0-255, drawn from ``pattern_seed`` at the image's size)
+    blended into the whole image, ``(1 - alpha) * image + alpha * pattern``. The same for every ``seed``."""
+
+    alpha: Fraction = 0.15
+    pattern_seed: Seed = 1234
+    name: str = "blended"
+
+    def __call__(self, image: Image.Image, seed: int = 0) -> Image.Image:
+        arr = _rgb(image)
+        pattern = np.random.default_rng(self.pattern_seed).uniform(0.0, 255.0, arr.shape)
+        return _image((1.0 - self.alpha) * arr + self.alpha * pattern)
+
+
+@dataclass(frozen=True)
+class Sinusoid(Checked):
+    """SIG (Barni et al. 2019, "A new backdoor attack in CNNs by training set corruption without label
+    poisoning"): a horizontal sinusoidal signal ``delta * sin(2 pi j f / width)`` (j: the column) added
+    to every pixel row and channel (``delta`` on the 0-255 scale). The same for every ``seed``."""
+
+    delta: NonNegative = 30.0
+    frequency: Count = 6
+    name: str = "sinusoid"
+
+    def __call__(self, image: Image.Image, seed: int = 0) -> Image.Image:
+        arr = _rgb(image)
+        w = arr.shape[1]
+        signal = self.delta * np.sin(2 * np.pi * np.arange(w) * self.frequency / w)
+        return _image(arr + signal[None, :, None])
+
+
+TRIGGERS = {t.name: t for t in (GaussianNoise, SolidPatch, LogoPatch, PainterlyStyle, Blended, Sinusoid)}
 
 
 def center_square(image: Image.Image) -> Image.Image:
