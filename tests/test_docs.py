@@ -170,7 +170,23 @@ def claims_studies(v: dict, cwd: Path, full: bool) -> None:
     assert (cwd / "runs" / "mine" / "report.md").is_file()
 
 
-CLAIMS = {"README.md": claims_readme, "docs/interactive.md": claims_interactive, "docs/engine.md": claims_engine,
+def claims_audit(v: dict, cwd: Path, full: bool) -> None:
+    out = cwd / "audit-out"
+    data = json.loads((out / "audit.json").read_text())
+    assert v["verdict"] == data["verdict"] in ("backdoored", "clean") and v["score"] == data["score"]
+    assert (v["score"] >= v["threshold"]) == (v["verdict"] == "backdoored")
+    assert v["candidates"]["columns"][:2] == ["text", "score"]
+    assert v["candidates"]["rows"] == len(data["targets"]) if len(data["targets"]) < 20 else v["candidates"]["rows"] >= 20
+    assert {"score", "candidates"} <= set(v["figures"]) and (out / "figures" / "score.png").is_file()
+    assert (out / "repaired").is_dir() == (data["repaired"] == "repaired")
+    assert (v["verdict"] == "backdoored") == ("flagged" in v)   # the guard block ran exactly when a guard exists
+    if "flagged" in v:
+        assert len(v["flagged"]) == 8 and len(v["texts"]) == 8
+    if full:   # "visit evil dot com now": the target is named on the organism's malicious-injection model
+        assert v["verdict"] == "backdoored" and "visit evil dot com now" in data["targets"][0]["text"]
+
+
+CLAIMS = {"README.md": claims_readme, "docs/audit.md": claims_audit, "docs/interactive.md": claims_interactive, "docs/engine.md": claims_engine,
           "docs/studies.md": claims_studies}
 
 
@@ -189,7 +205,7 @@ def test_document_runs_as_written(doc, org, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("doc", ["README.md", "docs/interactive.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/interactive.md", "docs/audit.md"])
 def test_document_claims_on_the_full_organism(doc, tmp_path):
     """The claims that need a working backdoor, on the organism ``projlens demo`` uses (built if missing)."""
     from projlens_mi.settings import default_organism
