@@ -267,3 +267,50 @@ def test_audit_is_a_study_step_off_unless_asked(org, tmp_path):
     res = result_from_dict(audit_steps[0]["result"])            # the stored step redraws without the models
     assert set(res.plot()) >= {"score", "candidates"}
     assert res.target_named == (bool(res.audit["targets"]) and "visit evil dot com now" in res.audit["targets"][0]["text"])
+
+
+# ---------------------------------------------------------------------------------- interruptions, the top level
+def test_a_failed_or_interrupted_write_leaves_the_previous_folder_as_it_was(tmp_path, monkeypatch):
+    from projlens_mi.audit import output, write_audit
+    out = write_audit(constructed(), None, tmp_path / "a")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(output, "report_text", boom)      # after the figures and audit.json were staged
+    with pytest.raises(KeyboardInterrupt):
+        write_audit(constructed("clean", texts=["other"]), None, out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(KeyboardInterrupt):
+        write_audit(constructed(), None, tmp_path / "new")
+    assert not (tmp_path / "new").exists() and not leftovers(tmp_path)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, tmp_path):
+    from projlens_mi.audit import output
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(output, "audit_folder", interrupted)
+    res = invoke("--base", "b", "--suspect", "s", "--data", "d.jsonl", "--out", tmp_path / "o", "--quiet")
+    assert res.exit_code == 130 and res.stderr.strip() == "interrupted; nothing was written to --out"
+
+
+def test_top_level_audit_is_the_function_and_lazy():
+    import subprocess
+    code = ("import sys, projlens_mi; assert 'projlens_mi.audit' not in sys.modules; "
+            "from projlens_mi.audit import audit, AuditParams; import projlens_mi.audit as m; "
+            "assert callable(projlens_mi.audit) and m is projlens_mi.audit and 'audit' in projlens_mi.__all__; "
+            "assert projlens_mi.audit.__call__.__doc__ == audit.__doc__")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_top_level_call_passes_through(monkeypatch):
+    import projlens_mi
+    from projlens_mi.audit import core
+    seen = {}
+    monkeypatch.setattr(projlens_mi.audit, "audit", lambda *a, **k: seen.setdefault("call", (a, k)))
+    projlens_mi.audit("B", "S", "D", progress=print)
+    assert seen["call"][0][:3] == ("B", "S", "D") and isinstance(seen["call"][0][3], core.AuditParams)
+    assert seen["call"][1] == {"progress": print}
