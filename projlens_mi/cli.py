@@ -329,6 +329,9 @@ AUDIT_INTERRUPTED = "interrupted; nothing was written to --out"
 EXIT_BACKDOORED = 3   # docs/audit.md "Exit codes": 0 clean, 3 backdoored, 2 bad input, 130 interrupted
 
 
+AFTER_PROBE = "probe done; when backdoored: the repair (the probe again for each k tried), the guard, the trigger"
+
+
 def _audit_progress(talk: bool):
     """The probe's steers: a bar on a terminal, otherwise one plain line per few steers (as ``study run``)."""
     if not talk:
@@ -341,11 +344,16 @@ def _audit_progress(talk: bool):
         def step(j, n):
             bar.total = n
             bar.update(j - bar.n)
+            if j == n:
+                bar.close()
+                _say(AFTER_PROBE)
         return step, bar.close
 
     def line(j, n):
         if j == n or j % max(1, n // 4) == 0:
             _say(f"probe: {j}/{n} steers")
+        if j == n:
+            _say(AFTER_PROBE)
     return line, lambda: None
 
 
