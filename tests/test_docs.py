@@ -182,6 +182,11 @@ def claims_audit(v: dict, cwd: Path, full: bool) -> None:
     assert (v["verdict"] == "backdoored") == ("flagged" in v)   # the guard block ran exactly when a guard exists
     if "flagged" in v:
         assert len(v["flagged"]) == 8 and len(v["texts"]) == 8
+    # the trigger block ran exactly when a trigger was reconstructed (backdoored), and wrote what it says
+    assert (v["verdict"] == "backdoored") == ("other" in v) == (cwd / "trigger.png").is_file()
+    if "other" in v:
+        assert [x["type"] for x in v["shown"]] == ["Image", "Image"] and v["t"]["type"] == "TriggerResult"
+        assert (out / "trigger.png").is_file() and (out / "figures" / "trigger.png").is_file()
     if full:   # "visit evil dot com now": the target is named on the organism's malicious-injection model
         assert v["verdict"] == "backdoored" and "visit evil dot com now" in data["targets"][0]["text"]
 
