@@ -333,23 +333,31 @@ AFTER_PROBE = "probe done; when backdoored: the repair (the probe again for each
 
 
 def _audit_progress(talk: bool):
-    """The probe's steers: a bar on a terminal, otherwise one plain line per few steers (as ``study run``)."""
+    """``progress(stage, j, n)`` for the probe's steers and the repair's k: a bar per stage on a terminal,
+    otherwise one plain line per few steps (as ``study run``)."""
     if not talk:
         return None, lambda: None
     from .study.runner import progress_bars_shown
+    bars = {}
     if progress_bars_shown():
         from tqdm.auto import tqdm
-        bar = tqdm(desc="probe", unit="steer", leave=False)
 
-        def step(j, n):
+        def step(stage, j, n):
+            bar = bars.get(stage) or bars.setdefault(stage, tqdm(desc=stage, unit="steer" if stage == "probe" else "k",
+                                                                  leave=False))
             bar.total = n
             bar.update(j - bar.n)
-            if j == n:
-                bar.close()
-                _say(AFTER_PROBE)
-        return step, bar.close
+            if j == n or stage == "repair":
+                if j == n:
+                    bar.close()
+                if stage == "probe" and j == n:
+                    _say(AFTER_PROBE)
+        return step, lambda: [b.close() for b in bars.values()]
 
-    def line(j, n):
+    def line(stage, j, n):
+        if stage == "repair":
+            _say(f"repair: k = {j} of at most {n} tried")
+            return
         if j == n or j % max(1, n // 4) == 0:
             _say(f"probe: {j}/{n} steers")
         if j == n:

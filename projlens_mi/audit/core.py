@@ -183,7 +183,7 @@ def run_probe(b: ModelHandle, s: ModelHandle, records: list[Record], p: AuditPar
         base_steered[st] = gen(b, [edit])
         steered[st] = gen(s, [edit])
         if progress:
-            progress(j + 1, len(steerings))
+            progress("probe", j + 1, len(steerings))
     return Probe(rows, img_of, prompt_of, batches, basis, wb, sv, norm, steerings, unsteered, base_steered, steered)
 
 
@@ -267,7 +267,8 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
     t2 = time.perf_counter()
     repair = guard = None
     if verdict == "backdoored":
-        repair = rep.choose(L.suspect, pr, cands, params, weights(L.base))
+        repair = rep.choose(L.suspect, pr, cands, params, weights(L.base),
+                            progress=progress and (lambda k, n: progress("repair", k, n)))
         guard = Guard.fit(L.suspect, L.records, pr, cands[0], params)
     t3 = time.perf_counter()
     trig = None

@@ -94,7 +94,7 @@ def repair_figure(data: dict):
         return None
     ks = [c["k"] for c in curve]
     fig, (a, b) = _new(10, 3.2, 2)
-    a.plot(ks, [c["score"] for c in curve], "o-", color=COLOURS["suspect"], label="probe score")
+    a.plot(ks, [float("nan") if c["score"] is None else c["score"] for c in curve], "o-", color=COLOURS["suspect"], label="probe score")
     a.plot(ks, [c["named_share"] for c in curve], "s--", color="#dd8452", label="named target's share of rows")
     a.axhline(data["threshold"], color=COLOURS["threshold"], ls="--", lw=1, label="threshold")
     if rep.get("k") and rep.get("random_control_score") is not None:

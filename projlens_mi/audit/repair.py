@@ -68,16 +68,21 @@ def writing_directions(ws: dict, wb: dict, paths: list[str], k: int) -> torch.Te
     return u[:, :k]
 
 
-def reprobe(handle, pr, new: dict, params):
-    """The probe's suspect side on the weights ``new`` ({path: (W, b)}): (steered texts, unsteered texts)."""
+def reprobe(handle, pr, new: dict, params, steerings=None):
+    """The probe's suspect side on the weights ``new`` ({path: (W, b)}): (steered texts, unsteered texts);
+    ``steerings``: a subset of the probe's steers (default all)."""
     ww = WithWeights({p: (w.to(dtype=handle.dtype), None if b is None else b.to(dtype=handle.dtype))
                       for p, (w, b) in new.items()})
     gen = lambda edits: probe.generate_rows(handle, pr.batches, [ww, *edits], params.max_new_tokens)  # noqa: E731
-    return {st: gen([st.edit(pr.basis, pr.norm, handle)]) for st in pr.steerings}, gen([])
+    return {st: gen([st.edit(pr.basis, pr.norm, handle)]) for st in (steerings or pr.steerings)}, gen([])
 
 
-def choose(handle, pr, cands, params, wb: dict) -> dict:
-    """Try k = 1 .. ``params.max_k``; ``wb``: the base's ``{path: (W, b)}`` (analyses.common.weights)."""
+def choose(handle, pr, cands, params, wb: dict, progress=None) -> dict:
+    """Try k = 1 .. ``params.max_k``; ``wb``: the base's ``{path: (W, b)}`` (analyses.common.weights).
+
+    Each k is first tried under the steers that named the targets only: while one of them still makes
+    the repaired weights say a named target, k is too small and the full re-probe is skipped (its
+    curve entry has ``score`` None). ``progress(k, k_max)`` is called after each k."""
     from ..analyses.common import linear_paths
     from .core import score_probe
     paths = linear_paths(handle)
@@ -86,9 +91,18 @@ def choose(handle, pr, cands, params, wb: dict) -> dict:
     kmax = min(params.max_k, len(idx))
     pw = writing_directions(ws, wb, paths, kmax)
     named_texts = [c.text for c in cands if c.score >= params.threshold]
+    naming = list(dict.fromkeys(c.steering for c in cands if c.score >= params.threshold))
     curve, chosen = [], None
     for k in range(1, kmax + 1):
         w_new = repaired(ws, wb, paths, pr.basis[:, idx[:k]], pw[:, :k])
+        steered, plain = reprobe(handle, pr, w_new, params, naming)
+        if target_rows(steered, named_texts) > STOPPED * len(plain):
+            changed = sum(a != b for a, b in zip(plain, pr.unsteered["suspect"])) / len(plain)
+            curve.append({"k": k, "score": None, "named_share": target_rows(steered, named_texts) / len(plain),
+                          "changed_outputs": changed, "top_after": None})
+            if progress:
+                progress(k, kmax)
+            continue
         steered, plain = reprobe(handle, pr, w_new, params)
         after = score_probe(pr, steered, params)
         s = max((c.score for c in after), default=0.0)
@@ -96,6 +110,8 @@ def choose(handle, pr, cands, params, wb: dict) -> dict:
         changed = sum(a != b for a, b in zip(plain, pr.unsteered["suspect"])) / len(plain)
         curve.append({"k": k, "score": s, "named_share": named, "changed_outputs": changed,
                       "top_after": after[0].text if after else None})
+        if progress:
+            progress(k, kmax)
         if s < params.threshold and named <= STOPPED:
             chosen = (k, w_new, s, changed)
             break
