@@ -5,8 +5,9 @@ changes nothing (issue 15, item 5).
 
 On the default organism (``projlens organism build``; its suspect and data): ``guard.monitor()`` attached
 to ``projlens_mi.generate`` vs ``handle.model.generate`` on the same batch (greedy, same settings), and one
-``run`` forward with the monitor vs the plain HF forward. Single-threaded, interleaved repeats, medians
-(BENCHMARKS.md, "How timings are taken"). Target: <= 1.05x a plain forward. Checked before timing: the
+``run`` forward with the monitor vs the plain HF forward; and the cheap path, ``with guard.watching(handle):``
+around the plain ``handle.model(**kw)`` / ``handle.model.generate`` (a torch hook, no trace: engine.observe). Single-threaded, interleaved repeats, medians
+(BENCHMARKS.md, "How timings are taken"; the order rotates each round). Target: <= 1.05x a plain forward. Checked before timing: the
 monitored logits and generated tokens equal the plain ones bit for bit, and the guard's scores equal a
 plain-torch reference (the selected vision layer's features . direction, max over tokens, / norm).
 The guard is built from the weights (the top reading direction of the first projector linear's update,
@@ -16,11 +17,12 @@ the clean rows' mean token norm), as the audit builds it, without running the pr
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 
-from common import median_ms
 from projlens_mi import generate, load, run
 from projlens_mi.analyses.common import weights
 from projlens_mi.audit import Guard
@@ -29,6 +31,22 @@ from projlens_mi.data import read_jsonl
 from projlens_mi.engine.metrics import _generate_edited
 from projlens_mi.organism.train import vision_features
 from projlens_mi.settings import default_organism
+
+
+def rotated_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
+    """Median wall time (ms) of each callable, interleaved; the order rotates every round, so no callable
+    always runs first (right after the other group's, whose caches it would inherit)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(repeats: int = 30, batch: int = 32, variant: str = "malicious-injection", new_tokens: int = 20) -> dict:
@@ -55,6 +73,16 @@ def main(repeats: int = 30, batch: int = 32, variant: str = "malicious-injection
         guard.scores.clear()
         return run(h, x, edits=[guard.monitor()]).logits
 
+    def watched_forward():
+        guard.scores.clear()
+        with torch.no_grad(), guard.watching(h):
+            return h.model(**kw).logits
+
+    def watched_generate():
+        guard.scores.clear()
+        with torch.no_grad(), guard.watching(h):
+            return h.model.generate(**kw, **gen)
+
     def plain_generate():
         with torch.no_grad():
             return h.model.generate(**kw, **gen)
@@ -75,17 +103,23 @@ def main(repeats: int = 30, batch: int = 32, variant: str = "malicious-injection
     assert torch.equal(mon_ids, ids), "the monitored generation's tokens differ from the plain generation's"
     texts = monitored_generate()
     assert texts == h.tokenizer.batch_decode(ids[:, x.input_ids.shape[1]:], skip_special_tokens=True)
+    assert torch.equal(watched_forward(), logits) and guard.scores == ref, "the watched forward differs"
+    assert torch.equal(watched_generate(), ids) and guard.scores == ref, "the watched generation differs"
 
-    ms = median_ms({"plain_forward": plain_forward, "monitored_forward": monitored_forward,
-                    "plain_generate": plain_generate, "monitored_generate": monitored_generate}, repeats)
+    ms = {**rotated_ms({"plain_forward": plain_forward, "monitored_forward": monitored_forward,
+                        "watched_forward": watched_forward}, repeats),
+          **rotated_ms({"plain_generate": plain_generate, "monitored_generate": monitored_generate,
+                        "watched_generate": watched_generate}, repeats)}
     out = {**ms, "forward_ratio": ms["monitored_forward"] / ms["plain_forward"],
-           "generate_ratio": ms["monitored_generate"] / ms["plain_generate"]}
+           "generate_ratio": ms["monitored_generate"] / ms["plain_generate"],
+           "watched_forward_ratio": ms["watched_forward"] / ms["plain_forward"],
+           "watched_generate_ratio": ms["watched_generate"] / ms["plain_generate"]}
     print(f"{variant}: batch {batch}, seq {x.input_ids.shape[1]}, {new_tokens} new tokens, 1 thread, {repeats} repeats "
           f"(medians, interleaved); tokens and logits identical, scores = reference")
-    print(f"forward:  plain {ms['plain_forward']:.2f} ms, with the guard {ms['monitored_forward']:.2f} ms, "
-          f"ratio {out['forward_ratio']:.3f} (target <= 1.05)")
-    print(f"generate: plain {ms['plain_generate']:.2f} ms, with the guard {ms['monitored_generate']:.2f} ms, "
-          f"ratio {out['generate_ratio']:.3f} (target <= 1.05)")
+    for what in ("forward", "generate"):
+        print(f"{what}: plain {ms['plain_' + what]:.2f} ms; guard.monitor() {ms['monitored_' + what]:.2f} ms, ratio "
+              f"{out[what + '_ratio']:.3f}; guard.watching() {ms['watched_' + what]:.2f} ms, ratio "
+              f"{out['watched_' + what + '_ratio']:.3f} (target <= 1.05)")
     return out
 
 

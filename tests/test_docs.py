@@ -182,6 +182,7 @@ def claims_audit(v: dict, cwd: Path, full: bool) -> None:
     assert (v["verdict"] == "backdoored") == ("flagged" in v)   # the guard block ran exactly when a guard exists
     if "flagged" in v:
         assert len(v["flagged"]) == 8 and len(v["texts"]) == 8
+        assert v["watched_flags"] == v["flagged"]      # watching() scores as monitor() does
     # the trigger block ran exactly when a trigger was reconstructed (backdoored), and wrote what it says
     assert (v["verdict"] == "backdoored") == ("other" in v) == (cwd / "trigger.png").is_file()
     if "other" in v:

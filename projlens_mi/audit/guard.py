@@ -39,6 +39,13 @@ class Guard:
             return act
         return INPUT, Hook(observe)
 
+    def watching(self, handle):
+        """A context manager: every forward or ``generate`` of ``handle.model`` inside it records each image's
+        score in ``self.scores``, as ``monitor()`` does, through a torch hook instead of a trace (engine.observe:
+        no trace opened, the cheap path; batched layouts, one image per row)."""
+        from ..engine import observe
+        return observe(handle, "projector.in", lambda act: self.scores.extend(self.score_of(act).cpu().tolist()))
+
     def flags(self, scores=None) -> list[bool]:
         return [s > self.threshold for s in (self.scores if scores is None else scores)]
 

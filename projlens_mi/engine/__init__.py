@@ -11,6 +11,7 @@ from .run import Cache, Edit, RunResult, attention_implementation, eager_attenti
 from .sweep import run_cell, sweep
 from .metrics import (TargetText, asr, contains, generate, logit_diff, sequence_logprob, target_logit,
                       target_logprob, target_prefixes, target_prob, target_text, teacher_forced, token_id)
+from .observe import observe
 from .interop import TLBridge, tl_hook_name, tl_patch, tl_run, to_transformer_lens
 from .sites import (AllTokens, ImageTokens, ImageWindow, Indices, LastToken, PatchRegion, Selector, Site,
                     TextTokens, check_basis)
@@ -21,4 +22,4 @@ __all__ = ["Site", "Selector", "AllTokens", "ImageTokens", "ImageWindow", "Patch
            "eager_attention", "attention_implementation",
            "sweep", "run_cell", "target_logit", "target_prob", "target_logprob", "logit_diff", "token_id",
            "teacher_forced", "sequence_logprob", "target_text", "TargetText", "target_prefixes",
-           "generate", "contains", "asr", "to_transformer_lens", "TLBridge", "tl_run", "tl_patch", "tl_hook_name"]
+           "generate", "contains", "asr", "observe", "to_transformer_lens", "TLBridge", "tl_run", "tl_patch", "tl_hook_name"]
