@@ -102,3 +102,12 @@ def test_repaired_folder_from_a_placed_suspect_holds_real_weights(folders, recor
     assert got.keys() == want.keys() and "model.safetensors" in files
     for k in want:
         assert got[k].device.type != "meta" and torch.equal(got[k], want[k]), k
+
+
+def test_audit_from_folders_with_one_offload_folder_keeps_the_models_apart(folders, records, plain, tmp_path):
+    """``audit(base_folder, suspect_folder, ..., device_map=..., offload_folder=one folder)``: both models go
+    to disk under that folder without overwriting each other's weights (same parameter names)."""
+    dm = {"model.vision_tower": "disk", "model.multi_modal_projector": "disk", "model.language_model": "cpu",
+          "lm_head": "cpu"}
+    _same(audit(folders / "base", folders / "suspect", records, PARAMS, device_map=dm, offload_folder=tmp_path / "off"),
+          plain)
