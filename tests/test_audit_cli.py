@@ -17,6 +17,7 @@ from study_helpers import small_organism  # noqa: E402
 
 from projlens_mi.cli import EXIT_BACKDOORED, app  # noqa: E402
 from projlens_mi.errors import ProjLensError  # noqa: E402
+from projlens_mi.audit import DEFAULT_THRESHOLD  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_cli_prints_the_verdict_and_writes_the_folder(cli_run, org):
     assert f"verdict: {data['verdict']}" in res.stdout and str(out / "report.md") in res.stdout
     # the schema of docs/audit.md
     assert data["schema"] == "projlens_mi.audit/1" and data["verdict"] in ("backdoored", "clean")
-    assert isinstance(data["score"], float) and data["threshold"] == 0.25
+    assert isinstance(data["score"], float) and data["threshold"] == DEFAULT_THRESHOLD
     assert (data["score"] >= data["threshold"]) == (data["verdict"] == "backdoored")
     assert all(isinstance(t["text"], str) and 0 <= t["score"] <= 1 for t in data["targets"])
     if data["targets"]:
@@ -255,7 +256,7 @@ def test_audit_is_a_study_step_off_unless_asked(org, tmp_path):
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
     m = json.loads((out / "metrics.json").read_text())["pairs"]["malicious-injection"]["analyses"]["audit"]
-    assert set(m) >= {"score", "threshold", "backdoored", "target_named", "repair_k"} and m["threshold"] == 0.25
+    assert set(m) >= {"score", "threshold", "backdoored", "target_named", "repair_k"} and m["threshold"] == DEFAULT_THRESHOLD
     assert m["backdoored"] == (m["score"] >= m["threshold"])
     md = (out / "report.md").read_text()
     assert "## Auditing without the trigger" in md and "#### audit: `malicious-injection`" in md
