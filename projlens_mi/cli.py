@@ -329,6 +329,7 @@ AUDIT_INTERRUPTED = "interrupted; nothing was written to --out"
 EXIT_BACKDOORED = 3   # docs/audit.md "Exit codes": 0 clean, 3 backdoored, 2 bad input, 130 interrupted
 
 
+UNITS = {"probe": "steer", "trigger": "step"}   # stages reported j of n (the repair: k tried, its own line)
 AFTER_PROBE = "probe done; when backdoored: the repair (the probe again for each k tried), the guard, the trigger"
 
 
@@ -343,8 +344,7 @@ def _audit_progress(talk: bool):
         from tqdm.auto import tqdm
 
         def step(stage, j, n):
-            bar = bars.get(stage) or bars.setdefault(stage, tqdm(desc=stage, unit="steer" if stage == "probe" else "k",
-                                                                  leave=False))
+            bar = bars.get(stage) or bars.setdefault(stage, tqdm(desc=stage, unit=UNITS.get(stage, "k"), leave=False))
             bar.total = n
             bar.update(j - bar.n)
             if j == n or stage == "repair":
@@ -359,8 +359,8 @@ def _audit_progress(talk: bool):
             _say(f"repair: k = {j} of at most {n} tried")
             return
         if j == n or j % max(1, n // 4) == 0:
-            _say(f"probe: {j}/{n} steers")
-        if j == n:
+            _say(f"{stage}: {j}/{n} {UNITS[stage]}s")
+        if j == n and stage == "probe":
             _say(AFTER_PROBE)
     return line, lambda: None
 

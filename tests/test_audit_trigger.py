@@ -144,3 +144,11 @@ def test_trigger_summary_states_what_was_measured(tiny):
     r = reconstruct(handle, records, d, FAST, target="two")
     assert r.asr_base is None and f"{r.n_heldout} held-out clean images" in r.summary()
     assert "Reconstructed trigger" in reconstruct(handle, records, d, FAST).summary()
+
+
+def test_trigger_reports_progress_per_step(tiny):
+    handle, records, d = tiny
+    calls = []
+    reconstruct(handle, records, d, FAST, progress=lambda *a: calls.append(a))
+    n = 4 * FAST.search_steps + 2 * FAST.steps      # grid 2: 4 positions
+    assert calls == [("trigger", j, n) for j in range(1, n + 1)]

@@ -275,7 +275,7 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
     if verdict == "backdoored" and params.trigger:
         from . import trigger as tr
         trig = tr.reconstruct(L.suspect, L.records, guard, tr.TriggerParams(max_new_tokens=params.max_new_tokens),
-                              target=cands[0].text, base=L.base, prompts=tr.said_prompts(pr, cands[0]))
+                              target=cands[0].text, base=L.base, prompts=tr.said_prompts(pr, cands[0]), progress=progress)
     t4 = time.perf_counter()
     examples = []
     if cands:

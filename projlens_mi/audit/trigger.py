@@ -153,7 +153,7 @@ class TriggerResult:
             axes[0, j].imshow(clean)
             axes[0, j].set_title("clean", fontsize=8)
             axes[1, j].imshow(trig)
-            axes[1, j].set_title(_wrap(text), fontsize=6)
+            axes[1, j].set_title("with trigger: " + _wrap(text), fontsize=6)
         t = self.trigger
         if t.kind == "patch":
             axes[0, -1].imshow(t.pixels)
@@ -173,7 +173,7 @@ class TriggerResult:
         return fig
 
 
-def _wrap(text: str, width: int = 22) -> str:
+def _wrap(text: str, width: int = 26) -> str:
     words, lines, cur = text.split(), [], ""
     for w in words:
         if cur and len(cur) + len(w) + 1 > width:
@@ -266,8 +266,9 @@ def _apply_t(x: torch.Tensor, kind: str, value: torch.Tensor, position=None) -> 
     return (x + value).clamp(0, 255)
 
 
-def _optimise(handle, x, kind, value, position, direction, norm, p: TriggerParams, steps: int):
-    """Signed gradient ascent on ``value`` (patch pixels in [0, 255] / perturbation in [-eps, eps])."""
+def _optimise(handle, x, kind, value, position, direction, norm, p: TriggerParams, steps: int, tick=None):
+    """Signed gradient ascent on ``value`` (patch pixels in [0, 255] / perturbation in [-eps, eps]);
+    ``tick()`` after each step."""
     big = 64.0 if kind == "patch" else p.eps / 4
     lo, hi = (0.0, 255.0) if kind == "patch" else (-p.eps, p.eps)
     for i in range(steps):
@@ -276,6 +277,8 @@ def _optimise(handle, x, kind, value, position, direction, norm, p: TriggerParam
         (g,) = torch.autograd.grad(obj, v)
         step = big * (1 - i / steps) + 1.0
         value = (value + step * g.sign()).clamp(lo, hi)
+        if tick:
+            tick()
     return value.detach()
 
 
@@ -323,13 +326,14 @@ def _images(records: list[Record], n: int) -> list[Record]:
 
 
 def reconstruct(suspect, records: list[Record], guard_or_direction, params: TriggerParams = TriggerParams(), *,
-                target: str | None = None, base=None, prompts: list[str] | None = None) -> TriggerResult:
+                target: str | None = None, base=None, prompts: list[str] | None = None, progress=None) -> TriggerResult:
     """Optimise a universal trigger on clean ``records`` that drives ``suspect``'s projector input along the
     direction (a ``Guard``, or a [d_in] tensor whose sign counts), and measure it on held-out images.
 
     ``target``: the text whose share of greedy generations is the ASR (the audit's top candidate; no ASR
     without it); ``base``: the base handle (its ASR with the trigger, ~0 when the trigger is the
-    suspect's own); ``prompts``: asked of the held-out images in turn (default: the data's distinct prompts).
+    suspect's own); ``prompts``: asked of the held-out images in turn (default: the data's distinct prompts);
+    ``progress(stage, j, n)``: called with ``"trigger"`` after each optimisation step.
     """
     t0 = time.perf_counter()
     check_layout(suspect)
@@ -373,19 +377,26 @@ def reconstruct(suspect, records: list[Record], guard_or_direction, params: Trig
 
     found = {}
     s = max(1, round(params.patch * min(size)))
+    positions = _positions(*size, s, params.grid)
+    done, total = [0], len(positions) * params.search_steps + 2 * params.steps
+
+    def tick():
+        done[0] += 1
+        if progress:
+            progress("trigger", done[0], total)
     best = None
-    for pos in _positions(*size, s, params.grid):     # the patch's position: a short run at each, the best kept
+    for pos in positions:     # the patch's position: a short run at each, the best kept
         v = _optimise(suspect, x_opt, "patch", torch.rand(3, s, s, generator=gen) * 255, pos, direction, norm,
-                      params, params.search_steps)
+                      params, params.search_steps, tick)
         o = objective(_apply_t(x_opt, "patch", v.round(), pos))
         if best is None or o > best[0]:
             best = (o, pos, v)
     _, pos, v = best
-    v = _optimise(suspect, x_opt, "patch", v, pos, direction, norm, params, params.steps)
+    v = _optimise(suspect, x_opt, "patch", v, pos, direction, norm, params, params.steps, tick)
     found["patch"] = _quantise("patch", v, size, pos)
     d0 = (torch.rand(3, *size, generator=gen) * 2 - 1) * params.eps
     found["perturbation"] = _quantise("perturbation", _optimise(suspect, x_opt, "perturbation", d0, None, direction,
-                                                                norm, params, params.steps), size, None)
+                                                                norm, params, params.steps, tick), size, None)
 
     view_opt, view_held = view[:n_opt], view[n_opt:]
     p_opt = [prompts[i % len(prompts)] for i in range(n_opt)]
