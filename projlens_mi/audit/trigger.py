@@ -14,7 +14,8 @@ random start is seeded, so a run is deterministic on one machine and thread coun
 Objective: over the optimisation images, the mean (``objective="mean"``) or the largest
 (``"max"``) component over image tokens of the projector input along the direction, in units of
 the guard's ``norm`` (the clean images' mean token norm). Which kind is reported is decided on the
-optimisation images (the share of them on which the suspect says the target, then the objective);
+optimisation images (by how much more often the suspect says the target with it than with its random
+control, then by the objective's margin over that control);
 every ASR is measured on the held-out images only, through the real path (the trigger applied to
 the PIL image, quantised to 8 bits, then the processor), with a random patch / random +-eps
 perturbation of the same size as the control, and on the base.
@@ -362,8 +363,7 @@ def reconstruct(suspect, records: list[Record], guard_or_direction, params: Trig
     size = view.shape[1:3]
     x_all = torch.from_numpy(view).permute(0, 3, 1, 2).float()
     x_opt, x_held = x_all[:n_opt], x_all[n_opt:]
-    torch.manual_seed(params.seed)
-    gen = torch.Generator().manual_seed(params.seed)
+    gen = torch.Generator().manual_seed(params.seed)   # every random draw below; the global RNG is left alone
     with torch.no_grad():
         clean_feats = features(suspect, x_opt)
     if clean_feats.shape[-1] != direction.shape[0]:
