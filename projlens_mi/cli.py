@@ -377,6 +377,11 @@ def audit_cmd(
     images: Optional[int] = typer.Option(None, "--images", help="Distinct clean images in the probe grid (<= 100)."),
     no_trigger: bool = typer.Option(False, "--no-trigger", help="Skip the trigger reconstruction (needed for "
                                     "families other than LLaVA-1.5)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Placement of both models, as in load "
+                                             "(auto, sequential, or a JSON {module: device}; docs/scaling.md)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="JSON {device: size} for --device-map."),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help="Where offloaded weights go "
+                                                  "(outside the checkpoints)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress; print one line."),
 ):
     """Audit a suspect fine-tune against its base without its trigger: detect, name and remove a
@@ -392,10 +397,13 @@ def audit_cmd(
     try:
         given = {k: v for k, v in (("threshold", threshold), ("images", images)) if v is not None}
         params = AuditParams(**given, trigger=not no_trigger)
+        placement = _run_overrides(device_map, max_memory, offload_folder, None, None)
         command = ["audit", "--base", base, "--suspect", suspect, "--data", str(data), "--out", str(out),
-                   *[x for k, v in given.items() for x in (f"--{k}", str(v))], *(["--no-trigger"] if no_trigger else [])]
+                   *[x for k, v in given.items() for x in (f"--{k}", str(v))], *(["--no-trigger"] if no_trigger else []),
+                   *[x for k, v in placement.items() for x in (f"--{k.replace('_', '-')}", json.dumps(v)
+                                                              if isinstance(v, dict) else str(v))]]
         result = audit_folder(base, suspect, data, out, params, progress=progress, command=command,
-                              log=None if quiet else _say)
+                              log=None if quiet else _say, **placement)
     except ProjLensError as err:
         _fail(err)
     finally:

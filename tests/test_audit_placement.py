@@ -111,3 +111,33 @@ def test_audit_from_folders_with_one_offload_folder_keeps_the_models_apart(folde
           "lm_head": "cpu"}
     _same(audit(folders / "base", folders / "suspect", records, PARAMS, device_map=dm, offload_folder=tmp_path / "off"),
           plain)
+
+
+@pytest.mark.slow   # two CLI audits at the default parameters: about 30 s on 2 shared CPUs
+def test_cli_audit_with_placement_flags_writes_the_plain_audit(folders, records, tmp_path):
+    """``projlens audit --device-map ... --offload-folder ...``: the same audit.json as without them
+    (the placement itself is compared step by step by the fast tests above)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from projlens_mi.cli import app
+    lines = []
+    for i, r in enumerate(records):
+        r.pil().save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": r.prompt, "answer": "", "triggered": False}))
+    (tmp_path / "clean.jsonl").write_text("\n".join(lines) + "\n")
+    common = ["audit", "--base", str(folders / "base"), "--suspect", str(folders / "suspect"), "--data",
+              str(tmp_path / "clean.jsonl"), "--threshold", "0.05", "--images", "4", "--quiet"]
+    dm = json.dumps({"model.vision_tower": "disk", "model.multi_modal_projector": "disk",
+                     "model.language_model": "cpu", "lm_head": "cpu"})
+    out = {}
+    for name, extra in (("plain", []), ("placed", ["--device-map", dm, "--offload-folder", str(tmp_path / "off")])):
+        res = CliRunner().invoke(app, [*common, "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 3, res.output            # backdoored
+        out[name] = json.loads((tmp_path / name / "audit.json").read_text())
+    prov = json.loads((tmp_path / "placed" / "provenance.json").read_text())
+    assert "--device-map" in prov["command"] and "--offload-folder" in prov["command"]
+    for d in out.values():
+        d.pop("seconds"), d.pop("sources")
+    assert out["placed"] == out["plain"] and "trigger" in out["plain"]
