@@ -358,6 +358,10 @@ def reconstruct(suspect, records: list[Record], guard_or_direction, params: Trig
     if direction.ndim != 1 or not torch.isfinite(direction).all() or float(direction.norm()) == 0:
         raise ProjLensError("the trigger's direction must be a finite non-zero vector in the projector's input space")
     direction = direction / direction.norm()
+    width = suspect.model.config.vision_config.hidden_size   # one int vision_feature_layer (check_layout)
+    if direction.shape[0] != width:
+        raise ProjLensError(f"the direction has {direction.shape[0]} entries but the projector input has "
+                            f"{width} features (the vision tower's width)")
 
     view = model_view(suspect.processor, [r.pil() for r in rows])
     size = view.shape[1:3]
@@ -366,9 +370,6 @@ def reconstruct(suspect, records: list[Record], guard_or_direction, params: Trig
     gen = torch.Generator().manual_seed(params.seed)   # every random draw below; the global RNG is left alone
     with torch.no_grad():
         clean_feats = features(suspect, x_opt)
-    if clean_feats.shape[-1] != direction.shape[0]:
-        raise ProjLensError(f"the direction has {direction.shape[0]} entries but the projector input has "
-                            f"{clean_feats.shape[-1]} features")
     norm = given_norm if given_norm else float(clean_feats.float().norm(dim=-1).mean())
 
     def objective(xs):
