@@ -166,7 +166,7 @@ def run_probe(b: ModelHandle, s: ModelHandle, records: list[Record], p: AuditPar
     path = first_linear(s)
     wb, ws = weights(b)[path][0], weights(s)[path][0]
     k = min(p.directions, *wb.shape)
-    basis, sv = probe.reading_directions(ws, wb, k)
+    basis, sv = probe.reading_directions(ws, wb, min(max(p.directions, p.max_k), *wb.shape))   # probe k, repair max_k
     rows, img_of, prompt_of = probe.grid(records, p.images, p.prompts)
     batches = encode(s, rows, p.batch_size)
     feats = read_all(s, batches[:1], "projector.in")

@@ -90,8 +90,8 @@ def choose(handle, pr, cands, params, wb: dict, progress=None) -> dict:
     idx = order(pr, cands, params.threshold)
     kmax = min(params.max_k, len(idx))
     pw = writing_directions(ws, wb, paths, kmax)
-    named_texts = [c.text for c in cands if c.score >= params.threshold]
-    naming = list(dict.fromkeys(c.steering for c in cands if c.score >= params.threshold))
+    named_texts = [cands[0].text]          # the named target (other phrases of strong steers are not the target)
+    naming = [c.steering for c in cands if c.text == cands[0].text]
     curve, chosen = [], None
     for k in range(1, kmax + 1):
         w_new = repaired(ws, wb, paths, pr.basis[:, idx[:k]], pw[:, :k])
