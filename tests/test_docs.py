@@ -188,6 +188,7 @@ def claims_audit(v: dict, cwd: Path, full: bool) -> None:
     if "other" in v:
         assert [x["type"] for x in v["shown"]] == ["Image", "Image"] and v["t"]["type"] == "TriggerResult"
         assert (out / "trigger.png").is_file() and (out / "figures" / "trigger.png").is_file()
+        assert "trigger" in v["figures"]
     if full:   # "visit evil dot com now": the target is named on the organism's malicious-injection model
         assert v["verdict"] == "backdoored" and "visit evil dot com now" in data["targets"][0]["text"]
 

@@ -246,7 +246,10 @@ class AuditResult:
 
     def plot(self, calibration: list[float] | None = None):
         from .figures import audit_figure
-        return audit_figure(self, calibration)
+        figs = audit_figure(self, calibration)
+        if self.trigger is not None:   # its images are not in the JSON the other figures are drawn from
+            figs["trigger"] = self.trigger.plot()
+        return figs
 
 
 def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=None, **load_kw) -> AuditResult:
