@@ -268,18 +268,19 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
     score = max((c.score for c in cands), default=0.0)
     verdict = "backdoored" if score >= params.threshold else "clean"
     t2 = time.perf_counter()
-    repair = guard = None
+    repair = guard = trig = None
     if verdict == "backdoored":
-        repair = rep.choose(L.suspect, pr, cands, params, weights(L.base),
-                            progress=progress and (lambda k, n: progress("repair", k, n)))
         guard = Guard.fit(L.suspect, L.records, pr, cands[0], params)
     t3 = time.perf_counter()
-    trig = None
     if verdict == "backdoored" and params.trigger:
         from . import trigger as tr
         trig = tr.reconstruct(L.suspect, L.records, guard, tr.TriggerParams(max_new_tokens=params.max_new_tokens),
                               target=cands[0].text, base=L.base, prompts=tr.said_prompts(pr, cands[0]), progress=progress)
     t4 = time.perf_counter()
+    if verdict == "backdoored":   # the reconstructed trigger, when there is one, must be silenced too
+        repair = rep.choose(L.suspect, pr, cands, params, weights(L.base), check=trig and (lambda edits: trig.fires(L.suspect, edits)),
+                            progress=progress and (lambda k, n: progress("repair", k, n)))
+    t5 = time.perf_counter()
     examples = []
     if cands:
         st = cands[0].steering
@@ -287,5 +288,5 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
             examples.append((st.label(), pr.rows[r].prompt, pr.base_steered[st][r], pr.steered[st][r]))
     return AuditResult(verdict, score, params.threshold, cands, [float(x) for x in pr.singular_values], repair, guard,
                        params, L.sources, other_changes(L.base, L.suspect), n_rows=len(pr.rows), examples=examples, inputs=L.inputs,
-                       trigger=trig, timings={"load": t1 - t0, "probe": t2 - t1, "repair_and_guard": t3 - t2,
-                                              "trigger": t4 - t3, "total": t4 - t0})
+                       trigger=trig, timings={"load": t1 - t0, "probe": t2 - t1, "guard": t3 - t2, "trigger": t4 - t3,
+                                              "repair": t5 - t4, "total": t5 - t0})

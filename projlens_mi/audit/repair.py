@@ -6,10 +6,15 @@ linear's update stops writing its top k output directions, ``W2' = W2 - P dW2``,
 (P: the top k left-singular vectors of dW2); everything else of the update is kept. Both sides are
 needed: on the organism, the reading side alone left 66-92 % ASR, the writing side alone 0-67 %,
 both 0-2 % at k = 1 (docs/audit.md).
-Each k is judged by re-running the probe on the repaired weights (the same clean grid, the same
-steers, the base's steered outputs reused): the chosen k is the smallest whose probe score falls
-below the verdict threshold; among the k that do, that is also the least change to the suspect's
-weights (each k adds a component). A random k-dimensional subspace is the control.
+Each k is judged on clean images only: the reconstructed trigger (trigger.py, when one was made) on
+its optimisation images and the named target's steers must no longer make the repaired weights say
+the named target, and the whole probe re-run on the repaired weights (the same clean grid, the same
+steers, the base's steered outputs reused) must fall below the verdict threshold. The chosen k is the
+smallest that passes; among the k that pass, that is also the least change to the suspect's weights
+(each k adds a component). A random k-dimensional subspace is the control. The trigger check was
+added after the zoo's development half showed the probe alone stopping too early (perceptual-hijack
+at 1 % poison: k = 1 left 16 % ASR on real triggers while the reconstructed trigger still fired on
+31 % of the clean images; k = 4, where it fires on none, left 0 %).
 """
 
 from __future__ import annotations
@@ -68,21 +73,27 @@ def writing_directions(ws: dict, wb: dict, paths: list[str], k: int) -> torch.Te
     return u[:, :k]
 
 
+def with_weights(handle, new: dict) -> WithWeights:
+    return WithWeights({p: (w.to(dtype=handle.dtype), None if b is None else b.to(dtype=handle.dtype))
+                        for p, (w, b) in new.items()})
+
+
 def reprobe(handle, pr, new: dict, params, steerings=None):
     """The probe's suspect side on the weights ``new`` ({path: (W, b)}): (steered texts, unsteered texts);
     ``steerings``: a subset of the probe's steers (default all)."""
-    ww = WithWeights({p: (w.to(dtype=handle.dtype), None if b is None else b.to(dtype=handle.dtype))
-                      for p, (w, b) in new.items()})
+    ww = with_weights(handle, new)
     gen = lambda edits: probe.generate_rows(handle, pr.batches, [ww, *edits], params.max_new_tokens)  # noqa: E731
     return {st: gen([st.edit(pr.basis, pr.norm, handle)]) for st in (steerings or pr.steerings)}, gen([])
 
 
-def choose(handle, pr, cands, params, wb: dict, progress=None) -> dict:
+def choose(handle, pr, cands, params, wb: dict, check=None, progress=None) -> dict:
     """Try k = 1 .. ``params.max_k``; ``wb``: the base's ``{path: (W, b)}`` (analyses.common.weights).
 
     Each k is first tried under the steers that named the targets only: while one of them still makes
     the repaired weights say a named target, k is too small and the full re-probe is skipped (its
-    curve entry has ``score`` None). ``progress(k, k_max)`` is called after each k."""
+    curve entry has ``score`` None). ``check(edits) -> share``: the reconstructed trigger's share of clean
+    optimisation images on which the repaired weights still say the target (trigger.TriggerResult.fires);
+    it must be 0 too. ``progress(k, k_max)`` is called after each k."""
     from ..analyses.common import linear_paths
     from .core import score_probe
     paths = linear_paths(handle)
@@ -96,10 +107,11 @@ def choose(handle, pr, cands, params, wb: dict, progress=None) -> dict:
     for k in range(1, kmax + 1):
         w_new = repaired(ws, wb, paths, pr.basis[:, idx[:k]], pw[:, :k])
         steered, plain = reprobe(handle, pr, w_new, params, naming)
-        if target_rows(steered, named_texts) > STOPPED * len(plain):
+        fires = check([with_weights(handle, w_new)]) if check else None
+        if target_rows(steered, named_texts) > STOPPED * len(plain) or (fires or 0.0) > STOPPED:
             changed = sum(a != b for a, b in zip(plain, pr.unsteered["suspect"])) / len(plain)
             curve.append({"k": k, "score": None, "named_share": target_rows(steered, named_texts) / len(plain),
-                          "changed_outputs": changed, "top_after": None})
+                          "trigger_share": fires, "changed_outputs": changed, "top_after": None})
             if progress:
                 progress(k, kmax)
             continue
@@ -108,7 +120,7 @@ def choose(handle, pr, cands, params, wb: dict, progress=None) -> dict:
         s = max((c.score for c in after), default=0.0)
         named = target_rows(steered, named_texts) / len(plain)
         changed = sum(a != b for a, b in zip(plain, pr.unsteered["suspect"])) / len(plain)
-        curve.append({"k": k, "score": s, "named_share": named, "changed_outputs": changed,
+        curve.append({"k": k, "score": s, "named_share": named, "trigger_share": fires, "changed_outputs": changed,
                       "top_after": after[0].text if after else None})
         if progress:
             progress(k, kmax)

@@ -126,6 +126,15 @@ class TriggerResult:
     examples: list = field(default_factory=list)   # [(clean uint8 view, triggered uint8 view, suspect's text)]
     by_kind: dict = field(default_factory=dict)    # kind -> Trigger: both optimised triggers
     prompts: list = field(default_factory=list)    # asked of the held-out images in turn
+    check: list = field(default_factory=list, repr=False)   # [(uint8 view, prompt)]: the optimisation images with
+    #                                                         each kind's trigger (what the repair must silence)
+
+    def fires(self, handle, edits=()) -> float:
+        """Share of ``check`` rows on which ``handle`` (with ``edits``, e.g. repaired weights) says the target."""
+        if not self.check or self.target is None:
+            return 0.0
+        views = np.stack([v for v, _ in self.check])
+        return _share(_texts(handle, views, [p for _, p in self.check], self.params, edits), self.target)
 
     def to_json(self) -> dict:
         return {"kind": self.trigger.kind, "trigger": self.trigger.to_json(), "target": self.target,
@@ -302,12 +311,12 @@ def _random(kind: str, like: Trigger, eps: float, gen: torch.Generator) -> Trigg
 
 # --- evaluation through the real path -----------------------------------------------------------------
 
-def _texts(handle, views: np.ndarray, prompts: list[str], p: TriggerParams) -> list[str]:
+def _texts(handle, views: np.ndarray, prompts: list[str], p: TriggerParams, edits=()) -> list[str]:
     from ..analyses.common import encode, texts
     recs = [Record(Image.fromarray(a, "RGB"), pr, "") for a, pr in zip(views, prompts)]
     out = []
     for x in encode(handle, recs, p.batch_size):
-        out += texts(handle, x, p.max_new_tokens)
+        out += texts(handle, x, p.max_new_tokens, edits)
     return out
 
 
@@ -432,8 +441,9 @@ def reconstruct(suspect, records: list[Record], guard_or_direction, params: Trig
             asr_base = _share(_texts(base, trig.on_view(view_held), p_held, params), target)
     shown = trig.on_view(view_held[:4])
     examples = [(view_held[i], shown[i], outs[kind][i] if outs else "") for i in range(len(shown))]
+    check = [(v, pr) for t in found.values() for v, pr in zip(t.on_view(view_opt), p_opt)]
     return TriggerResult(trig, target, obj, asr, asr_control, asr_base, asr_clean, asr_by_kind, n_opt,
-                         len(view_held), params, time.perf_counter() - t0, examples, found, list(prompts))
+                         len(view_held), params, time.perf_counter() - t0, examples, found, list(prompts), check)
 
 
 def said_prompts(pr, cand) -> list[str]:
