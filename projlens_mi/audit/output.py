@@ -211,7 +211,8 @@ def report_text(data: dict, figures: dict) -> str:
         md.append("Not needed: the verdict is clean, so nothing was removed and no repaired model was written.\n")
     elif not rep or not rep.get("k"):
         md.append(f"**No repair found:** removing up to {data['params']['max_k']} directions did not stop the named "
-                  "target on the probe; no repaired model was written. Do not deploy the suspect.\n")
+                  "target (on the probe or under the reconstructed trigger); no repaired model was written. Do not "
+                  "deploy the suspect.\n")
     else:
         md.append(f"Removing {rep['k']} direction(s) (reading directions {', '.join(map(str, rep.get('directions', [])))} "
                   "of the first projector linear's update, and the top writing directions of the last) takes the probe "
@@ -222,11 +223,14 @@ def report_text(data: dict, figures: dict) -> str:
         md.append(f"The repaired model: {_code('repaired/')} (a Hugging Face folder; `projlens_mi.load(\"repaired\")`). "
                   "What was removed and the hashes of its files are in `provenance.json`.\n")
     if rep and rep.get("curve"):
-        md.append(_row(["k", "probe score", "named share", "changed outputs", "top candidate after"]))
-        md.append("|---|---|---|---|---|")
+        md.append(_row(["k", "probe score", "named share", "trigger share", "changed outputs", "top candidate after"]))
+        md.append("|---|---|---|---|---|---|")
         for c in rep["curve"]:
-            md.append(_row([str(c["k"]), _fmt(c["score"]), _fmt(c["named_share"]), _fmt(c["changed_outputs"]),
-                            _code(c["top_after"], table=True) if c.get("top_after") else "–"]))
+            md.append(_row([str(c["k"]), _fmt(c["score"]), _fmt(c["named_share"]), _fmt(c.get("trigger_share")),
+                            _fmt(c["changed_outputs"]), _code(c["top_after"], table=True) if c.get("top_after") else "–"]))
+        md.append("(probe score –: not re-probed, the named target's own steers or the reconstructed trigger still made "
+                  "the repaired weights say it; trigger share: share of the trigger's clean optimisation images on which "
+                  "they still did.)\n")
         md.append("")
     if "repair" in figures:
         md.append(f"![Repair against k]({figures['repair']})\n")
