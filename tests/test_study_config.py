@@ -51,8 +51,10 @@ def test_minimal_config_is_complete(user):
     assert cfg.model.base == str((user / "models" / "base").resolve())     # relative to the config's folder
     assert cfg.data.file == str((user / "data" / "test.jsonl").resolve())
     from projlens_mi.analyses import ANALYSES
-    built_in = {n for n, a in ANALYSES.items() if a.fn.__module__.startswith("projlens_mi.analyses.")}
-    assert set(cfg.analyses) == built_in and len(built_in) >= 10
+    from projlens_mi.study.config import BUILTIN_STEPS
+    built_in = {n for n, a in ANALYSES.items()
+                if a.fn.__module__.startswith("projlens_mi.analyses.") or a.fn.__module__ in BUILTIN_STEPS}
+    assert set(cfg.analyses) == built_in and len(built_in) >= 11 and "audit" in built_in
     assert all(a.enabled == ANALYSES[n].default for n, a in cfg.analyses.items())   # every one but the audit
     assert [n for n, a in cfg.analyses.items() if not a.enabled] == ["audit"]
     assert cfg.run.device == "cpu" and cfg.run.seed == 0

@@ -14,7 +14,7 @@ from .base import (ANALYSES, Analysis, Pair, Result, analysis, load_result, regi
                    result_to_dict, save_result)
 
 MODULES = ("spectrum", "injection", "neurons", "shift", "norm", "probe", "patching", "ablation", "tracing",
-           "attribution", "audit")
+           "attribution")
 
 __all__ = ["ANALYSES", "Analysis", "Pair", "Result", "analysis", "load_result", "register_result",
            "result_from_dict", "result_to_dict", "save_result", "import_all", "MODULES"]

@@ -351,10 +351,24 @@ def import_plugins(plugins: list[str], folder: Path) -> list[str]:
     return names
 
 
+# Study steps registered outside projlens_mi.analyses: the audit builds on the analyses, so its study
+# step lives with it and the study (above both) imports it.
+BUILTIN_STEPS = ("projlens_mi.audit.step",)
+
+
+def import_builtins() -> None:
+    """Register every built-in study step: the analyses and ``BUILTIN_STEPS``."""
+    from ..analyses import import_all
+    import_all()
+    for m in BUILTIN_STEPS:
+        importlib.import_module(m)
+
+
 def _in_study(module: str, plugin_modules: list[str]) -> bool:
     """An analysis belongs to a study when it is built in or comes from one of the study's own plugins:
     one registered by another study's plugin (or in a notebook) in the same process does not leak in."""
-    return any(module == m or module.startswith(m + ".") for m in ["projlens_mi.analyses", *plugin_modules])
+    return any(module == m or module.startswith(m + ".")
+               for m in ["projlens_mi.analyses", *BUILTIN_STEPS, *plugin_modules])
 
 
 def _params(name: str, cls, given: dict, run: RunSection):
@@ -376,8 +390,8 @@ def _params(name: str, cls, given: dict, run: RunSection):
 
 
 def _analyses(raw: dict, run: RunSection, folder: Path) -> tuple[dict[str, AnalysisSetting], list[str]]:
-    from ..analyses import ANALYSES, import_all
-    import_all()
+    from ..analyses import ANALYSES
+    import_builtins()
     table = raw.get("analyses", {})
     if not isinstance(table, dict):
         raise ProjLensError(f"analyses must be a table [analyses], got {table!r}")

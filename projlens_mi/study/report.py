@@ -165,9 +165,8 @@ def load_study(out: Path) -> tuple[dict, dict]:
 
 
 def _import_for(manifest: dict) -> None:
-    from ..analyses import import_all
-    from .config import import_plugins
-    import_all()
+    from .config import import_builtins, import_plugins
+    import_builtins()
     plugins = manifest["config"].get("plugins") or []
     if plugins:
         import_plugins(plugins, Path(manifest["config_path"]).parent)

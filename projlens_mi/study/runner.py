@@ -342,11 +342,10 @@ def _worker_init(plugins: list[str], folder: str, state: bytes, hf_verbosity: in
     import torch
     from transformers.utils import logging as hf_logging
 
-    from ..analyses import import_all
     hf_logging.set_verbosity(hf_verbosity)
     hf_logging.disable_progress_bar()
-    from .config import import_plugins
-    import_all()
+    from .config import import_builtins, import_plugins
+    import_builtins()
     if plugins:
         import_plugins(plugins, Path(folder))
     cfg, pairs = pickle.loads(state)

@@ -1,7 +1,9 @@
 """The trigger-free audit as a study step: ``[analyses.audit]`` with ``enabled = true`` (or ``audit`` in
 ``[analyses] only``); off by default, since it generates far more than the other analyses.
 
-The step runs ``projlens_mi.audit`` on the pair's base and poisoned model and its *clean* records
+It lives with the audit, not among the analyses (the audit is built on the analyses; the study, which
+imports this module through ``study.config.import_builtins``, sits above both). The step runs
+``projlens_mi.audit`` on the pair's base and poisoned model and its *clean* records
 only (the audit is given neither the trigger nor the target). The study's known target is used
 afterwards, for evaluation only: ``target_named`` says whether the top candidate contains it.
 Its table keys are ``AuditParams``' fields. The audit's own folder (repaired model, provenance) is
@@ -14,11 +16,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..audit.core import AuditParams
+from ..analyses.base import Result, analysis, register_result
+from ..analyses.common import md_code
 from ..engine.metrics import hit
 from ..errors import printable
-from .base import Result, analysis, register_result
-from .common import md_code
+from .core import AuditParams
 
 PAPER = ("No counterpart: the paper (arXiv 2604.19083) assumes the trigger is known; the audit rests on its finding "
          "that the backdoor-critical part of the projector update is low-rank")
