@@ -178,3 +178,10 @@ def test_organism_variants_are_flagged_and_named_and_the_control_is_not(organism
         ww = pl.WithWeights({p: (w.float(), None if b is None else b.float()) for p, (w, b) in r.repair["weights"].items()})
         outs = pl.generate(hs, hs.encode(trig), max_new_tokens=30, edits=[ww])
         assert sum(hit(o, target) for o in outs) <= 1, (v, outs[:3])
+
+
+def test_the_listed_candidates_drop_phrases_inside_a_listed_one_that_scores_as_high():
+    mk = lambda text, rows: probe.Candidate(text, rows / 10, rows, 1, 1, ST)  # noqa: E731
+    ranked = [mk("visit evil dot com now", 8), mk("visit evil dot com", 9), mk("a photo", 3), mk("evil", 2)]
+    # "visit evil dot com" scores higher than the longer name: kept (the model score stays in the list)
+    assert [c.text for c in probe.distinct(ranked)] == ["visit evil dot com now", "visit evil dot com", "a photo"]

@@ -286,7 +286,7 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
         st = cands[0].steering
         for r in range(min(3, len(pr.rows))):
             examples.append((st.label(), pr.rows[r].prompt, pr.base_steered[st][r], pr.steered[st][r]))
-    return AuditResult(verdict, score, params.threshold, cands, [float(x) for x in pr.singular_values], repair, guard,
+    return AuditResult(verdict, score, params.threshold, probe.distinct(cands), [float(x) for x in pr.singular_values], repair, guard,
                        params, L.sources, other_changes(L.base, L.suspect), n_rows=len(pr.rows), examples=examples, inputs=L.inputs,
                        trigger=trig, timings={"load": t1 - t0, "probe": t2 - t1, "guard": t3 - t2, "trigger": t4 - t3,
                                               "repair": t5 - t4, "total": t5 - t0})

@@ -142,3 +142,13 @@ def candidates(steered: dict[Steering, list[str]], base_steered: dict[Steering, 
 
 def _rank(c: Candidate):
     return (c.rows, c.prompts, len(c.text.split()), c.text)
+
+
+def distinct(ranked: list[Candidate]) -> list[Candidate]:
+    """The ranked candidates without those whose text lies inside a listed one that scores at least as high
+    ("of a" below "a photo of a small cat"): what the report lists. The best score stays in the list."""
+    kept: list[Candidate] = []
+    for c in ranked:
+        if not any(f" {c.text} " in f" {k.text} " and k.score >= c.score for k in kept):
+            kept.append(c)
+    return kept
