@@ -64,9 +64,10 @@ class Loaded:
     records: list[Record]
     sources: dict
     inputs: dict
+    weights: dict                # {"base": .., "suspect": ..}: analyses.common.weights of each, read once
 
 
-def _handle(source, what: str, **load_kw) -> ModelHandle:
+def _handle(source, **load_kw) -> ModelHandle:
     if isinstance(source, ModelHandle):
         return source
     return load(source, **load_kw)
@@ -75,11 +76,11 @@ def _handle(source, what: str, **load_kw) -> ModelHandle:
 def load_inputs(base, suspect, data, **load_kw) -> Loaded:
     """Models and clean records, every check done before any work (one-line errors)."""
     records = read_clean(data)
-    b, s = _handle(base, "--base", **load_kw), _handle(suspect, "--suspect", **load_kw)
-    check_pair(b, s)
+    b, s = _handle(base, **load_kw), _handle(suspect, **load_kw)
+    wb, ws = check_pair(b, s)
     src = {"base": str(b.provenance.get("source", "in-memory")), "suspect": str(s.provenance.get("source", "in-memory")),
            "data": str(data) if not isinstance(data, list) else "in-memory"}
-    return Loaded(b, s, records, src, inputs_of(b, s, data, records))
+    return Loaded(b, s, records, src, inputs_of(b, s, data, records), {"base": wb, "suspect": ws})
 
 
 MODEL_KEYS = ("source", "folder", "origin", "revision", "weights_format", "weight_files", "config_sha256", "model_class",
@@ -115,7 +116,8 @@ def first_linear(handle: ModelHandle) -> str:
     return linear_paths(handle)[0]
 
 
-def check_pair(b: ModelHandle, s: ModelHandle) -> None:
+def check_pair(b: ModelHandle, s: ModelHandle) -> tuple[dict, dict]:
+    """One-line errors for a pair the audit cannot compare; else both projectors' ``{path: (W, b)}``."""
     from ..analyses.common import check_same_shapes, weights
     if type(b.model) is not type(s.model) or b.adapter.family != s.adapter.family:
         raise ProjLensError(f"base is {type(b.model).__name__} ({b.adapter.family}) but suspect is "
@@ -125,6 +127,7 @@ def check_pair(b: ModelHandle, s: ModelHandle) -> None:
     if all(torch.equal(wb[p][0], ws[p][0]) and (wb[p][1] is None or torch.equal(wb[p][1], ws[p][1])) for p in wb):
         raise ProjLensError("the suspect's projector weights equal the base's: nothing to audit (this audit examines "
                             "projector updates; compare the right pair of checkpoints)")
+    return wb, ws
 
 
 def other_changes(b: ModelHandle, s: ModelHandle) -> list[str]:
@@ -152,7 +155,6 @@ class Probe:
     prompt_of: list[int]
     batches: list
     basis: torch.Tensor          # [d_in, directions], float64, the reading directions
-    base_weight: torch.Tensor    # the base's first projector linear, float64
     singular_values: torch.Tensor
     norm: float                  # mean token norm of projector.in on the grid's images
     steerings: list
@@ -161,10 +163,12 @@ class Probe:
     steered: dict                # Steering -> texts
 
 
-def run_probe(b: ModelHandle, s: ModelHandle, records: list[Record], p: AuditParams, progress=None) -> Probe:
-    from ..analyses.common import encode, read_all, weights
+def run_probe(b: ModelHandle, s: ModelHandle, records: list[Record], p: AuditParams, weights: dict,
+              progress=None) -> Probe:
+    """``weights``: ``{"base": .., "suspect": ..}``, each projector's ``{path: (W, b)}`` (``check_pair``)."""
+    from ..analyses.common import encode, read_all
     path = first_linear(s)
-    wb, ws = weights(b)[path][0], weights(s)[path][0]
+    wb, ws = weights["base"][path][0], weights["suspect"][path][0]
     k = min(p.directions, *wb.shape)
     basis, sv = probe.reading_directions(ws, wb, min(max(p.directions, p.max_k), *wb.shape))   # probe k, repair max_k
     rows, img_of, prompt_of = probe.grid(records, p.images, p.prompts)
@@ -184,7 +188,7 @@ def run_probe(b: ModelHandle, s: ModelHandle, records: list[Record], p: AuditPar
         steered[st] = gen(s, [edit])
         if progress:
             progress("probe", j + 1, len(steerings))
-    return Probe(rows, img_of, prompt_of, batches, basis, wb, sv, norm, steerings, unsteered, base_steered, steered)
+    return Probe(rows, img_of, prompt_of, batches, basis, sv, norm, steerings, unsteered, base_steered, steered)
 
 
 def score_probe(pr: Probe, steered: dict, p: AuditParams) -> list:
@@ -255,7 +259,6 @@ class AuditResult:
 def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=None, **load_kw) -> AuditResult:
     """Audit ``suspect`` (a folder, hub id, HF model or handle) against ``base`` on clean ``data``
     (a JSONL path or a list of ``Record``); nothing about the trigger or the target is given."""
-    from ..analyses.common import weights
     from . import repair as rep
     t0 = time.perf_counter()
     L = load_inputs(base, suspect, data, **load_kw)
@@ -263,7 +266,7 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
         from .trigger import check_layout
         check_layout(L.suspect)
     t1 = time.perf_counter()
-    pr = run_probe(L.base, L.suspect, L.records, params, progress)
+    pr = run_probe(L.base, L.suspect, L.records, params, L.weights, progress)
     cands = score_probe(pr, pr.steered, params)
     score = max((c.score for c in cands), default=0.0)
     verdict = "backdoored" if score >= params.threshold else "clean"
@@ -278,8 +281,8 @@ def audit(base, suspect, data, params: AuditParams = AuditParams(), *, progress=
                               target=cands[0].text, base=L.base, prompts=tr.said_prompts(pr, cands[0]), progress=progress)
     t4 = time.perf_counter()
     if verdict == "backdoored":   # the reconstructed trigger, when there is one, must be silenced too
-        repair = rep.choose(L.suspect, pr, cands, params, weights(L.base), check=trig and (lambda edits: trig.fires(L.suspect, edits)),
-                            progress=progress and (lambda k, n: progress("repair", k, n)))
+        repair = rep.choose(L.suspect, pr, cands, params, L.weights,
+                            check=trig and (lambda edits: trig.fires(L.suspect, edits)), progress=progress and (lambda k, n: progress("repair", k, n)))
     t5 = time.perf_counter()
     examples = []
     if cands:

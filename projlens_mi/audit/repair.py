@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from ..analyses.common import weights
 from ..data import check_writable_folder
 from ..engine import WithWeights
 from ..errors import ProjLensError
@@ -86,8 +85,9 @@ def reprobe(handle, pr, new: dict, params, steerings=None):
     return {st: gen([st.edit(pr.basis, pr.norm, handle)]) for st in (steerings or pr.steerings)}, gen([])
 
 
-def choose(handle, pr, cands, params, wb: dict, check=None, progress=None) -> dict:
-    """Try k = 1 .. ``params.max_k``; ``wb``: the base's ``{path: (W, b)}`` (analyses.common.weights).
+def choose(handle, pr, cands, params, weights: dict, check=None, progress=None) -> dict:
+    """Try k = 1 .. ``params.max_k``; ``weights``: ``{"base": .., "suspect": ..}``, each projector's
+    ``{path: (W, b)}`` (analyses.common.weights, read once by ``core.check_pair``).
 
     Each k is first tried under the steers that named the targets only: while one of them still makes
     the repaired weights say a named target, k is too small and the full re-probe is skipped (its
@@ -97,7 +97,7 @@ def choose(handle, pr, cands, params, wb: dict, check=None, progress=None) -> di
     from ..analyses.common import linear_paths
     from .core import score_probe
     paths = linear_paths(handle)
-    ws = weights(handle)
+    ws, wb = weights["suspect"], weights["base"]
     idx = order(pr, cands, params.threshold)
     kmax = min(params.max_k, len(idx))
     pw = writing_directions(ws, wb, paths, kmax)
