@@ -57,16 +57,11 @@ class Guard:
     @classmethod
     def fit(cls, handle, records, pr, top, params) -> "Guard":
         from ..analyses.common import encode
+        from .probe import first_images
         st = top.steering
         d = (st.sign * pr.basis[:, st.direction]).double()
         g = cls(d, pr.norm, 0.0)
-        images, seen = [], set()
-        for r in records:
-            key = str(r.image) if not hasattr(r.image, "tobytes") else id(r.image)
-            if key not in seen and len(images) < params.guard_images:
-                seen.add(key)
-                images.append(r)
-        for x in encode(handle, images, params.batch_size):
+        for x in encode(handle, first_images(records, params.guard_images), params.batch_size):
             g.clean_scores += g.score(handle, x)
         g.threshold = max(g.clean_scores)
         return g

@@ -61,19 +61,25 @@ class Candidate:
                 "prompts": self.prompts, "direction": s.direction, "sign": s.sign, "scale": s.scale}
 
 
+def first_images(records: list[Record], n: int) -> list[Record]:
+    """The records of the first ``n`` distinct images (a path once, an in-memory image once), in order."""
+    seen, out = set(), []
+    for r in records:
+        key = str(r.image) if not hasattr(r.image, "tobytes") else id(r.image)
+        if key not in seen and len(out) < n:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def grid(records: list[Record], n_images: int, n_prompts: int) -> tuple[list[Record], list[int], list[int]]:
     """Rows = the first ``n_images`` distinct images x the first ``n_prompts`` distinct prompts; with
     each row's image index and prompt index."""
-    images, prompts = {}, {}
-    for r in records:
-        key = str(r.image) if not hasattr(r.image, "tobytes") else id(r.image)
-        if key not in images and len(images) < n_images:
-            images[key] = r.image
-        if r.prompt not in prompts and len(prompts) < n_prompts:
-            prompts[r.prompt] = None
+    images = [r.image for r in first_images(records, n_images)]
+    prompts = list(dict.fromkeys(r.prompt for r in records))[:n_prompts]
     rows, img_of, prompt_of = [], [], []
     for j, p in enumerate(prompts):
-        for i, im in enumerate(images.values()):
+        for i, im in enumerate(images):
             rows.append(Record(im, p, "", False))
             img_of.append(i)
             prompt_of.append(j)

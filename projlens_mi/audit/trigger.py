@@ -34,6 +34,7 @@ from PIL import Image
 from ..checks import Checked, Count, Fraction, NonNegative, Seed
 from ..data import Record
 from ..errors import ProjLensError
+from .probe import first_images
 
 KINDS = ("patch", "perturbation")
 
@@ -325,16 +326,6 @@ def _share(outs: list[str], target: str) -> float:
     return sum(contains(outs, target)) / len(outs)
 
 
-def _images(records: list[Record], n: int) -> list[Record]:
-    seen, out = set(), []
-    for r in records:
-        key = str(r.image) if not hasattr(r.image, "tobytes") else id(r.image)
-        if key not in seen and len(out) < n:
-            seen.add(key)
-            out.append(r)
-    return out
-
-
 def reconstruct(suspect, records: list[Record], guard_or_direction, params: TriggerParams = TriggerParams(), *,
                 target: str | None = None, base=None, prompts: list[str] | None = None, progress=None) -> TriggerResult:
     """Optimise a universal trigger on clean ``records`` that drives ``suspect``'s projector input along the
@@ -349,7 +340,7 @@ def reconstruct(suspect, records: list[Record], guard_or_direction, params: Trig
     check_layout(suspect)
     if base is not None:
         check_layout(base)
-    rows = _images(records, params.images)
+    rows = first_images(records, params.images)
     n_opt = len(rows) - max(1, math.floor(len(rows) * params.holdout))
     if n_opt < 1:
         raise ProjLensError(f"trigger reconstruction needs at least 2 distinct clean images (got {len(rows)}): "
