@@ -495,6 +495,16 @@ def export_data(out: Path, sets: dict[str, list[Record]]) -> None:
     tmp.rename(data)
 
 
+def worker_count(workers: int | None, threads: int) -> int:
+    """``workers`` checked (an int >= 1), or ``None``: one process per ``threads`` CPUs."""
+    if workers is None:
+        import os
+        return max(1, (os.cpu_count() or 1) // threads)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ProjLensError(f"workers = {workers!r}: give the number of processes (1 or more), or None for one per CPU")
+    return workers
+
+
 def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, workers: int | None = 1) -> dict:
     """Build (or load from cache) the organism under ``out_dir`` and return the content of organism.json.
 
@@ -506,11 +516,7 @@ def build(out_dir: str | Path, cfg: OrganismConfig | None = None, log=print, wor
     the ``if __name__ == "__main__":`` guard.
     """
     cfg = cfg or OrganismConfig()
-    if workers is None:
-        import os
-        workers = max(1, (os.cpu_count() or 1) // cfg.threads)
-    elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ProjLensError(f"workers = {workers!r}: give the number of processes (1 or more), or None for one per CPU")
+    workers = worker_count(workers, cfg.threads)
     out = check_writable_folder(out_dir)   # a file, a path under a file, a folder one cannot write to
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "organism.json"

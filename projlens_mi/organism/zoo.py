@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from ..data import Record, atomic_write_text, check_writable_folder
 from ..errors import ProjLensError
 from . import tasks
 from .build import (FORMAT_VERSION as ORGANISM_FORMAT, Builder, _train_variant, export_data, pixel_values,
-                    poisoned_answer)
+                    poisoned_answer, worker_count)
 from .config import OrganismConfig, small as small_config
 from .evaluate import EvalSet, encode, generate, score
 from .train import projector_linears, topk_energy_share, vision_features
@@ -292,10 +291,7 @@ def build_zoo(out: str | Path, cfg: OrganismConfig | None = None, log=print, wor
         cfg = small_config() if small else OrganismConfig()
     if not isinstance(cfg, OrganismConfig):
         raise ProjLensError(f"cfg = {cfg!r}: give an OrganismConfig (projlens_mi.organism.config)")
-    if workers is None:
-        workers = max(1, (os.cpu_count() or 1) // cfg.threads)
-    elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ProjLensError(f"workers = {workers!r}: give the number of processes (1 or more), or None for one per CPU")
+    workers = worker_count(workers, cfg.threads)
     missing = [v for v in tasks.VARIANTS if v not in cfg.variants]
     if missing:
         raise ProjLensError(f"the zoo needs all four organism variants; the config lacks {', '.join(missing)}")
