@@ -53,7 +53,7 @@ class AuditStepResult(Result):
                 "random_control_score": rep.get("random_control_score"), "guard_threshold": g.get("threshold")}
 
     def plot(self):
-        from ..audit.figures import audit_figure
+        from .figures import audit_figure
         return audit_figure(self.audit)
 
     def summary(self) -> str:
